@@ -1,0 +1,1 @@
+"""Mesh extraction, UV unwrap, texture bake and file export."""

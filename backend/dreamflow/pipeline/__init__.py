@@ -1,0 +1,1 @@
+"""The three DreamFlow stages composed from priors, methods, scene, render and export."""

@@ -1,0 +1,213 @@
+"""The job's typed configuration and its named presets.
+
+``paper`` is the DreamFlow paper's settings (a GPU and Stable Diffusion weights);
+``preview`` runs in minutes on a laptop CPU against the reference-object prior (the demo);
+``smoke`` is the smallest run that still exercises every code path (tests).
+Each part's settings live in one dataclass; a preset is data, overridable by dotted paths from
+the CLI (``stage1.steps=200``) and from the protocol's job spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Mapping
+
+from ..config import ConfigError, apply_overrides
+from ..methods.registry import METHOD_NAMES, MethodConfig, method_defaults
+from ..methods.schedules import TimestepSchedule
+from ..scene.cameras import CameraRanges
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """Which diffusion priors to load. Model ids are Hugging Face ids or local folders."""
+
+    kind: Literal["stable-diffusion", "reference", "tiny"] = "stable-diffusion"
+    model: str = "stabilityai/stable-diffusion-2-1-base"        # D_p, stages 1-2
+    phi_model: str = "stabilityai/stable-diffusion-2-1"         # base of the LoRA D_phi (v-prediction)
+    refiner_model: str = "stabilityai/stable-diffusion-xl-refiner-1.0"  # stage 3, both D_p and D_phi base
+    reference: str = "builtin"        # reference prior: "builtin" or a mesh file
+    reference_std: float = 0.05       # s of the reference prior's Gaussian around the reference render
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    local_files_only: bool = False
+    lora_rank: int = 4
+    lora_lr: float = 1e-3
+    camera_embedding: bool = False    # DreamFlow: "not training it also works"
+
+
+@dataclass(frozen=True)
+class HashGridConfig:
+    """Multi-resolution hash grid (Instant NGP); the paper's stage-1 values are the defaults."""
+
+    levels: int = 16
+    log2_table_size: int = 19
+    features_per_level: int = 4
+    base_resolution: int = 16
+    max_resolution: int = 2048
+
+
+@dataclass(frozen=True)
+class NerfStageConfig:
+    """Stage 1: NeRF from scratch with APFO."""
+
+    enabled: bool = True
+    steps: int = 4000
+    resolution: int = 256
+    samples_per_ray: int = 512
+    views_per_iteration: int = 1
+    method: MethodConfig = MethodConfig(schedule=TimestepSchedule("decreasing", 1.0, 0.2, 5))
+    grid: HashGridConfig = HashGridConfig()
+    mlp_width: int = 64
+    lr_grid: float = 1e-2
+    lr_mlp: float = 1e-3
+    lr_background: float = 1e-3
+    density_bias_scale: float = 10.0
+    density_bias_radius: float = 0.5
+    orientation_weight: float = 1e-2
+    occupancy_resolution: int = 64
+    cameras: CameraRanges = CameraRanges()
+    preview_every: int = 50
+    mesh_every: int = 500
+    mesh_resolution: int = 128
+
+
+@dataclass(frozen=True)
+class GeometryStageConfig:
+    """Stage 2a: DMTet geometry tuning on normal-map renders, D_phi = x."""
+
+    enabled: bool = True
+    steps: int = 5000
+    resolution: int = 512
+    views_per_iteration: int = 1
+    method: MethodConfig = MethodConfig(schedule=TimestepSchedule("decreasing", 0.8, 0.4, 5), score_model="identity")
+    tet_resolution: int = 128
+    lr: float = 1e-2
+    normal_consistency_weight: float = 1e-1
+    laplacian_weight: float = 1e-1
+    cameras: CameraRanges = CameraRanges()
+    preview_every: int = 50
+    mesh_every: int = 250
+
+
+@dataclass(frozen=True)
+class TextureStageConfig:
+    """Stage 2b: colour field on the fixed mesh, rasterised, APFO with the LoRA D_phi."""
+
+    enabled: bool = True
+    steps: int = 2000
+    resolution: int = 512
+    views_per_iteration: int = 1
+    method: MethodConfig = MethodConfig(schedule=TimestepSchedule("decreasing", 0.5, 0.1, 5))
+    grid: HashGridConfig = HashGridConfig()
+    lr_grid: float = 1e-2
+    lr_mlp: float = 1e-3
+    cameras: CameraRanges = CameraRanges()
+    preview_every: int = 50
+    mesh_every: int = 250
+
+
+@dataclass(frozen=True)
+class RefineStageConfig:
+    """Stage 3: refinement with the SDXL refiner at 1024x1024, timestep spacing 10."""
+
+    enabled: bool = True
+    steps: int = 300
+    resolution: int = 1024
+    views_per_iteration: int = 1
+    method: MethodConfig = MethodConfig(schedule=TimestepSchedule("decreasing", 0.3, 0.0, 10))
+    grid: HashGridConfig = HashGridConfig()
+    lr_grid: float = 1e-2
+    lr_mlp: float = 1e-3
+    cameras: CameraRanges = CameraRanges()
+    preview_every: int = 10
+    mesh_every: int = 50
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The final asset."""
+
+    texture_size: int = 2048
+    face_budget: int = 200_000
+    write_obj: bool = False
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything one generation needs; the protocol's job spec maps onto this."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = 0
+    method: Literal["apfo", "vsd", "sds", "fsd"] = "apfo"
+    device: str = "auto"
+    prior: PriorConfig = PriorConfig()
+    stage1: NerfStageConfig = NerfStageConfig()
+    geometry: GeometryStageConfig = GeometryStageConfig()
+    texture: TextureStageConfig = TextureStageConfig()
+    refine: RefineStageConfig = RefineStageConfig()
+    export: ExportConfig = ExportConfig()
+    checkpoint_every: int = 100
+
+
+def _paper() -> JobConfig:
+    return JobConfig()
+
+
+def _preview() -> JobConfig:
+    """Minutes on a 2-core CPU against the reference-object prior (the demo)."""
+    fast_grid = HashGridConfig(levels=8, log2_table_size=15, features_per_level=2, base_resolution=8, max_resolution=256)
+    return JobConfig(
+        prior=PriorConfig(kind="reference"),
+        stage1=replace(NerfStageConfig(), steps=300, resolution=64, samples_per_ray=64, grid=fast_grid,
+                       mlp_width=32, preview_every=25, mesh_every=100, mesh_resolution=96,
+                       occupancy_resolution=32,
+                       method=MethodConfig(schedule=TimestepSchedule("decreasing", 1.0, 0.2, 1), score_model="exact")),
+        geometry=replace(GeometryStageConfig(), steps=150, resolution=128, tet_resolution=48, preview_every=25, mesh_every=50,
+                         method=MethodConfig(schedule=TimestepSchedule("decreasing", 0.8, 0.4, 1), score_model="identity")),
+        texture=replace(TextureStageConfig(), steps=150, resolution=128, grid=fast_grid, preview_every=25, mesh_every=50,
+                        method=MethodConfig(schedule=TimestepSchedule("decreasing", 0.5, 0.1, 1), score_model="exact")),
+        refine=replace(RefineStageConfig(), steps=60, resolution=256, grid=fast_grid, preview_every=10, mesh_every=30,
+                       method=MethodConfig(schedule=TimestepSchedule("decreasing", 0.3, 0.0, 2), score_model="exact")),
+        export=ExportConfig(texture_size=512, face_budget=20_000),
+        checkpoint_every=50,
+    )
+
+
+def _smoke() -> JobConfig:
+    """The smallest run that touches every code path (tests): a few steps per stage."""
+    p = _preview()
+    return replace(
+        p,
+        stage1=replace(p.stage1, steps=6, resolution=32, samples_per_ray=24, preview_every=3, mesh_every=3, mesh_resolution=32),
+        geometry=replace(p.geometry, steps=4, resolution=32, tet_resolution=16, preview_every=2, mesh_every=2),
+        texture=replace(p.texture, steps=4, resolution=32, preview_every=2, mesh_every=2),
+        refine=replace(p.refine, steps=4, resolution=32, preview_every=2, mesh_every=2),
+        export=ExportConfig(texture_size=64, face_budget=2000),
+        checkpoint_every=2,
+    )
+
+
+PRESETS = {"paper": _paper, "preview": _preview, "smoke": _smoke}
+
+
+def build_config(preset: str = "preview", overrides: Mapping[str, Any] | None = None, **top: Any) -> JobConfig:
+    """Preset + overrides (dotted paths) + top-level fields (prompt, seed, method, ...), checked.
+
+    A method other than APFO replaces each stage's method settings with that method's own
+    defaults (methods.registry.method_defaults) before the overrides apply.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]()
+    cfg = apply_overrides(cfg, {k: v for k, v in top.items() if v is not None})
+    if cfg.method not in METHOD_NAMES:
+        raise ConfigError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHOD_NAMES)}")
+    if cfg.method != "apfo":
+        cfg = replace(
+            cfg,
+            stage1=replace(cfg.stage1, method=method_defaults(cfg.method, cfg.stage1.method)),
+            texture=replace(cfg.texture, method=method_defaults(cfg.method, cfg.texture.method)),
+            refine=replace(cfg.refine, method=method_defaults(cfg.method, cfg.refine.method)),
+        )
+    return apply_overrides(cfg, dict(overrides or {}))

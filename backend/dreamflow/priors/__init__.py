@@ -1,0 +1,1 @@
+"""Diffusion priors (denoisers in EDM form) and score models of rendered images."""

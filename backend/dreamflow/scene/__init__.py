@@ -1,0 +1,1 @@
+"""Scene representations: cameras, NeRF field, DMTet mesh, texture field."""
