@@ -1,0 +1,1 @@
+"""Differentiable renderers: volume rendering for NeRF, rasterisation for meshes."""

@@ -1,0 +1,1 @@
+"""The ZeroMQ job server and its on-disk job store."""
