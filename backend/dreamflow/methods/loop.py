@@ -13,7 +13,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -83,6 +83,9 @@ class LoopConfig:
     max_rollbacks: int = 3
     lr_backoff: float = 0.5
     checkpoint_every: int = 0       # 0: never call the checkpoint callback
+    # "sgd" with lr = batch size moves each render exactly onto its target (2D particle mode:
+    # the method's update rule itself, no optimiser dynamics); "adamw" is the papers' choice.
+    optimiser: Literal["adamw", "sgd"] = "adamw"
 
 
 @dataclass
@@ -123,8 +126,12 @@ class Distillation:
         self.config = config
         self.plan: list[StepInfo] = method.schedule.plan(config.iterations, seed)
         self.generator = torch.Generator().manual_seed(seed + 1)
-        self.optimiser = torch.optim.AdamW(problem.param_groups(), betas=(0.9, 0.99), eps=1e-15,
-                                           weight_decay=config.weight_decay)
+        if config.optimiser == "sgd":
+            self.optimiser: torch.optim.Optimizer = torch.optim.SGD(problem.param_groups(),
+                                                                    weight_decay=config.weight_decay)
+        else:
+            self.optimiser = torch.optim.AdamW(problem.param_groups(), betas=(0.9, 0.99), eps=1e-15,
+                                               weight_decay=config.weight_decay)
         self.state = LoopState()
         self._good: dict | None = None
 
