@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import msgpack
 import numpy as np
 
-from .schema import (BUFFER_NAME_PATTERN, DTYPES, EVENT_TYPES, ID_PATTERN, JOB_ID_PATTERN, PROTOCOL_VERSION, SCHEMAS,
+from .schema import (BUFFER_NAME_PATTERN, DTYPES, EVENT_TYPES, FILE_NAME_PATTERN, ID_PATTERN, JOB_ID_PATTERN, PROTOCOL_VERSION, SCHEMAS,
                      ProtocolError, check_fields)
 
 HEADER_KEYS = ("v", "type", "id", "job", "seq", "parent", "fields", "buffers")
@@ -141,8 +141,8 @@ def _check_arrays(mtype: str, schema: Any, described: dict[str, tuple[str, tuple
             if dtype != "uint8" or len(shape) != 1:
                 raise ProtocolError(f"{mtype}: array {name!r} must be a 1-d uint8 byte array, got {dtype} {list(shape)}",
                                     code="bad_buffers")
-            if not BUFFER_NAME_PATTERN.fullmatch(name):
-                raise ProtocolError(f"{mtype}: array name {_brief(name)} is not a plain file name", code="bad_buffers")
+            if not FILE_NAME_PATTERN.fullmatch(name):
+                raise ProtocolError(f"{mtype}: array name {_brief(name)} is not a plain relative file path", code="bad_buffers")
             continue
         spec = schema.arrays.get(name)
         if spec is None:
@@ -281,7 +281,7 @@ def _check_desc(mtype: str, i: int, desc: Any, limits: Limits) -> tuple[str, str
     if not isinstance(desc, dict) or set(desc) != {"name", "dtype", "shape"}:
         raise ProtocolError(f"{where} must be a map with exactly name, dtype and shape", code="bad_buffers")
     name, dtype, shape = desc["name"], desc["dtype"], desc["shape"]
-    if not isinstance(name, str) or not BUFFER_NAME_PATTERN.fullmatch(name):
+    if not isinstance(name, str) or not (BUFFER_NAME_PATTERN.fullmatch(name) or FILE_NAME_PATTERN.fullmatch(name)):
         raise ProtocolError(f"{where} has an invalid name {_brief(name)}", code="bad_buffers")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ProtocolError(f"{where} ({name!r}) has dtype {_brief(dtype)}, not one of {', '.join(DTYPES)}", code="bad_dtype")

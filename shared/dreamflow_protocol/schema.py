@@ -18,8 +18,10 @@ PROTOCOL_VERSION = 1
 
 METHODS: tuple[str, ...] = ("apfo", "vsd", "sds", "fsd")
 START_STAGES: tuple[str, ...] = ("geometry", "texture", "refine")
-#: Stage names a job reports in progress/preview/mesh/stage_done.
-STAGES: tuple[str, ...] = ("queued", "stage1", "geometry", "texture", "refine", "export")
+#: Stage names the pipeline reports (progress/preview/mesh/stage_done); the schema only requires
+#: the form STAGE_PATTERN, so a new stage needs no protocol change.
+STAGES: tuple[str, ...] = ("stage1", "geometry", "texture", "refine", "export")
+STAGE_PATTERN = re.compile(r"[a-z0-9_]{1,32}")
 JOB_STATES: tuple[str, ...] = ("queued", "running", "cancelling", "done", "failed", "cancelled")
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 #: Array dtypes allowed on the wire (little-endian, numpy names).
@@ -27,9 +29,10 @@ DTYPES: tuple[str, ...] = ("uint8", "uint16", "int32", "uint32", "int64", "float
 
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 JOB_ID_PATTERN = re.compile(r"[0-9a-f]{8,64}")
-#: Result file names: a plain name, no folder, no leading dot (so never "." or "..").
-FILE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
-BUFFER_NAME_PATTERN = FILE_NAME_PATTERN
+#: Array names: a plain name, no folder, no leading dot (so never "." or "..").
+BUFFER_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+#: Result file paths relative to the job's output folder: up to 4 such names joined by "/".
+FILE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}(/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}){0,3}")
 OVERRIDE_KEY_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,7}")
 
 
@@ -329,7 +332,7 @@ def _opt(kind: Any) -> tuple[Any, bool]:
 
 
 PROMPT = Str(4096)
-STAGE = Str(32, choices=STAGES)
+STAGE = Str(32, pattern=STAGE_PATTERN)
 OBJECT_ID = Nullable(Str(256))
 OVERRIDES = MapOf(Str(128, pattern=OVERRIDE_KEY_PATTERN),
                   OneOf((Scalar(), ListOf(Scalar(), 16)), "a scalar or a list of up to 16 scalars"), 256)
@@ -376,7 +379,7 @@ SCHEMAS: dict[str, MessageSchema] = {
     "stage_done": MessageSchema(job="required", seq="optional", fields={
         "stage": _req(STAGE), "steps": _opt(Int(0, 10**9)), "seconds": _opt(Float(0.0)), "report": _opt(Plain())}),
     "job_done": MessageSchema(job="required", seq="optional", fields={
-        "files": _req(ListOf(Str(128, pattern=FILE_NAME_PATTERN), 64)), "seconds": _opt(Float(0.0)), "report": _opt(Plain())}),
+        "files": _req(ListOf(Str(256, pattern=FILE_NAME_PATTERN), 64)), "seconds": _opt(Float(0.0)), "report": _opt(Plain())}),
     # Either the answer to a bad request (parent set) or a job's terminal failure (job and seq set).
     "error": MessageSchema(job="optional", seq="optional", fields={
         "message": _req(Str(4096)), "code": _req(Str(32, pattern=re.compile(r"[a-z_]{1,32}"))), "field": _opt(Str(128))}),
@@ -392,9 +395,9 @@ SCHEMAS: dict[str, MessageSchema] = {
     "subscribed": MessageSchema(job="required", fields={
         "from_seq": _req(Int(0, 2**53)), "next_seq": _req(Int(0, 2**53)), "state": _req(Str(16, choices=JOB_STATES))}),
     "unsubscribe": MessageSchema(job="required"),
-    "fetch": MessageSchema(job="required", fields={"names": _opt(ListOf(Str(128, pattern=FILE_NAME_PATTERN), 64))}),
+    "fetch": MessageSchema(job="required", fields={"names": _opt(ListOf(Str(256, pattern=FILE_NAME_PATTERN), 64))}),
     # Result files as uint8 arrays named by file name.
-    "result": MessageSchema(job="required", fields={"files": _req(ListOf(Str(128, pattern=FILE_NAME_PATTERN), 64))},
+    "result": MessageSchema(job="required", fields={"files": _req(ListOf(Str(256, pattern=FILE_NAME_PATTERN), 64))},
                             free_arrays=True),
     "ping": MessageSchema(fields={"t": _opt(Float())}),
     "pong": MessageSchema(fields={"t": _opt(Float()), "server_time": _req(Float()), "server_id": _req(Str(64))}),

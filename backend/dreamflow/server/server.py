@@ -1,0 +1,430 @@
+"""The job server: one ROUTER socket served by one thread, jobs computed by a worker thread.
+
+Thread design, and why. The socket thread owns the ROUTER socket and does everything that talks
+to clients: it answers requests, and it publishes job events to subscribers. The worker thread
+runs the pipeline; it stores each event in the job's log and hands it to the socket thread
+through a ``queue.Queue`` plus a doorbell (a local socket pair the socket thread polls next to the
+ROUTER). A queue rather than an inproc ZeroMQ pair because events carry numpy arrays that should
+cross threads as objects, without serialising them twice; the doorbell wakes the poll at once,
+so neither side waits on a timeout. Nothing the socket thread does per message takes long (it
+never computes; replays to slow or late subscribers are pumped a few events per loop turn), so a
+ping or a cancel is answered within milliseconds while a job computes.
+
+Delivery: each (client, job) subscription has a cursor, the next seq that client should get. A
+live event goes straight to subscribers whose cursor equals its seq; subscribers that are behind
+(they subscribed from an old seq, or their send queue was full) are fed from the job's log on
+disk until they catch up. With ROUTER_MANDATORY a full client queue is noticed (not silently
+dropped) and retried, so no subscriber ever misses an event.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import queue
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from dreamflow_protocol import (DEFAULT_LIMITS, METHODS, PROTOCOL_VERSION, START_STAGES, Limits, Message, ProtocolError, decode,
+                                encode, new_id, validate_message)
+from dreamflow_protocol.schema import REQUEST_TYPES
+from dreamflow_protocol.wake import Doorbell
+
+from .. import __version__
+from ..config import ConfigError
+from .store import ACTIVE_STATES, TERMINAL_STATES, JobRecord, JobStore, StoreError
+from .worker import Runner, Worker
+
+log = logging.getLogger("dreamflow.server")
+
+#: A job's state after each terminal event.
+TERMINAL_EVENT_STATES = {"job_done": "done", "cancelled": "cancelled", "error": "failed"}
+#: Events replayed from disk per subscriber per loop turn (keeps the loop responsive).
+_PUMP_BATCH = 16
+
+
+class ServerConfigError(RuntimeError):
+    """The server cannot start with these settings (the reason in words)."""
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// endpoints on a loopback address."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = urllib.parse.urlsplit(f"//{rest}").hostname or rest.rsplit(":", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # "*", an interface name, or a host name: not provably local
+
+
+@dataclass
+class _Sub:
+    cursor: int
+    blocked_until: float = 0.0
+
+
+class Server:
+    """A DreamFlow job server on one endpoint with one job store."""
+
+    def __init__(self, store: str | Path, bind: str = "tcp://127.0.0.1:5555", *, max_queue: int = 8,
+                 runner: Runner | None = None, limits: Limits = DEFAULT_LIMITS, keys: str | Path | None = None,
+                 context: zmq.Context | None = None) -> None:
+        if not is_loopback(bind) and keys is None:
+            raise ServerConfigError(f"refusing to bind {bind}: it is reachable from other machines, and remote use needs "
+                                    f"authentication; make keys with `dreamflow keys --out DIR` and pass --keys DIR")
+        self.store = JobStore(store)
+        self.limits = limits
+        self.max_queue = max_queue
+        self.server_id = new_id()
+        self._context = context or zmq.Context.instance()
+        self._keys = Path(keys) if keys is not None else None
+        self._auth: Any = None
+        self._bind = bind
+        self._events: queue.Queue[tuple[JobRecord, Message]] = queue.Queue()
+        self._bell = Doorbell()
+        self._subs: dict[tuple[bytes, str], _Sub] = {}
+        self._stop = False
+        self._started = time.time()
+        self.worker = Worker(self.store, self._publish, runner)
+        self.endpoint: str | None = None
+        self._sock: zmq.Socket | None = None
+        self._capabilities: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------- life
+
+    def open(self) -> str:
+        """Bind the socket, re-queue unfinished jobs, start the worker; the bound endpoint."""
+        sock = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # Transport-level cap, above the protocol's own per-frame check, so a huge frame from a
+        # peer costs no more than this much memory before the protocol refuses it with an error.
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes + self.limits.max_header_bytes)
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        if self._keys is not None:
+            self._setup_curve(sock)
+        sock.bind(self._bind)
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sock = sock
+        for repair in self.store.repairs:
+            log.warning("store: %s", repair)
+        self._requeue_unfinished()
+        self.capabilities()  # imports torch and the pipeline now, not while the first client waits
+        self.worker.start()
+        log.info("DreamFlow server %s listening on %s (store %s, auth %s)", self.server_id[:8], self.endpoint,
+                 self.store.root, "curve" if self._keys else "none")
+        return self.endpoint
+
+    def _setup_curve(self, sock: zmq.Socket) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        from dreamflow_protocol.keys import load_server_secret
+
+        assert self._keys is not None
+        authorized = self._keys / "authorized"
+        if not authorized.is_dir() or not any(authorized.glob("*.key")):
+            raise ServerConfigError(f"{authorized} holds no client public keys (*.key); no client could connect")
+        public, secret = load_server_secret(self._keys)
+        self._auth = ThreadAuthenticator(self._context)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(authorized))
+        sock.curve_server = True
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+
+    def _requeue_unfinished(self) -> None:
+        for job in self.store.all():
+            state = job.state.get("state")
+            last = job.read_event(job.next_seq - 1) if job.next_seq else None
+            if state in ACTIVE_STATES and last is not None and last.type in TERMINAL_EVENT_STATES:
+                # It finished, but the server died before recording that in state.json.
+                job.save_state(state=TERMINAL_EVENT_STATES[last.type], finished=time.time())
+            elif state == "cancelling":
+                self._finish_unstarted(job, "cancelled before the server restarted")
+            elif state in ("queued", "running"):
+                self.worker.enqueue(job.job_id)
+
+    def serve_forever(self) -> None:
+        """Run the socket loop in this thread until :meth:`stop` (from any thread) or Ctrl-C."""
+        if self._sock is None:
+            self.open()
+        assert self._sock is not None
+        sock = self._sock
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._bell.fileno(), zmq.POLLIN)
+        try:
+            while not self._stop:
+                ready = dict(poller.poll(self._poll_timeout_ms()))
+                if self._bell.fileno() in ready:
+                    self._bell.drain()
+                if sock in ready:
+                    self._read_requests(sock)
+                self._broadcast(sock)
+                self._pump(sock)
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        """Ask the socket loop to end (thread-safe)."""
+        self._stop = True
+        self._bell.ring()
+
+    def _shutdown(self) -> None:
+        self.worker.stop()
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        if self._auth is not None:
+            self._auth.stop()
+        self._bell.close()
+        log.info("DreamFlow server stopped")
+
+    def _poll_timeout_ms(self) -> int:
+        now = time.monotonic()
+        waits = [sub.blocked_until - now for key, sub in self._subs.items() if self._behind(key, sub)]
+        if not waits:
+            return 1000
+        return max(0, int(min(waits) * 1000))
+
+    # ------------------------------------------------------------------------- requests
+
+    def _read_requests(self, sock: zmq.Socket) -> None:
+        for _ in range(256):  # bounded, so event delivery keeps flowing under a flood of requests
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                continue  # a peer sent nothing but its identity
+            peer = frames[0].bytes
+            msg: Message | None = None
+            try:
+                msg = decode(frames[1:], self.limits)
+                if msg.type not in REQUEST_TYPES:
+                    raise ProtocolError(f"{msg.type} is a message a server sends, not a request", parent=msg.id,
+                                        code="not_a_request")
+                self._handle(sock, peer, msg)
+            except ProtocolError as exc:
+                self._send_error(sock, peer, str(exc), exc.code, exc.parent)
+            except (StoreError, ConfigError) as exc:
+                self._send_error(sock, peer, str(exc), "unknown_job" if "unknown job" in str(exc) else "bad_request",
+                                 msg.id if msg is not None else None)
+            except Exception as exc:  # a bug in a handler must not take the server down
+                log.exception("error while handling a request")
+                self._send_error(sock, peer, f"internal error: {type(exc).__name__}: {exc}", "internal",
+                                 msg.id if msg is not None else None)
+
+    def _handle(self, sock: zmq.Socket, peer: bytes, msg: Message) -> None:
+        # REQUEST_TYPES was checked by the caller, and each request type has one _on_<type> method.
+        handler = getattr(self, f"_on_{msg.type}")
+        reply = handler(sock, peer, msg)
+        if reply is not None:
+            self._send(sock, peer, reply)
+
+    def _on_ping(self, sock: zmq.Socket, peer: bytes, msg: Message) -> Message:
+        fields = {"server_time": time.time(), "server_id": self.server_id}
+        if "t" in msg.fields:
+            fields["t"] = msg.fields["t"]
+        return msg.reply("pong", fields)
+
+    def _on_hello(self, sock: zmq.Socket, peer: bytes, msg: Message) -> Message:
+        return msg.reply("capabilities", self.capabilities())
+
+    def capabilities(self) -> dict[str, Any]:
+        """What this server offers (the capabilities message's fields)."""
+        if self._capabilities is None:
+            import torch
+
+            from .. import accel
+            from ..pipeline.config import PRESETS
+
+            device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+            self._capabilities = {
+                "protocol": PROTOCOL_VERSION, "server_version": __version__, "server_id": self.server_id, "device": device,
+                "accelerators": {k: bool(v) for k, v in accel.report().items()}, "presets": list(PRESETS),
+                "methods": list(METHODS), "start_stages": list(START_STAGES), "limits": self.limits.as_dict(),
+                "max_queue": self.max_queue, "auth": "curve" if self._keys else "none"}
+        return dict(self._capabilities)
+
+    def _on_submit(self, sock: zmq.Socket, peer: bytes, msg: Message) -> Message | None:
+        from ..pipeline.config import build_config
+
+        f = msg.fields
+        spec = {k: f[k] for k in ("prompt", "negative_prompt", "seed", "method", "preset", "overrides", "start_stage",
+                                   "start_t", "object_id") if k in f}
+        spec.setdefault("preset", "preview")
+        spec.setdefault("method", "apfo")
+        # Check the spec now, so a typo is an error reply, not a failed job minutes later.
+        build_config(spec["preset"], spec.get("overrides") or {}, prompt=spec["prompt"],
+                     negative_prompt=spec.get("negative_prompt"), seed=spec.get("seed"), method=spec.get("method"))
+        waiting = len(self.worker.queued())
+        if waiting >= self.max_queue:
+            return msg.reply("busy", {"message": f"the server's queue is full ({waiting} jobs waiting, limit {self.max_queue}); "
+                                                 f"try again when a job has finished", "queued": waiting,
+                                      "max_queue": self.max_queue})
+        job = self.store.create(spec, dict(msg.arrays))
+        reply = msg.reply("accepted", {"position": waiting, "state": "queued"}, job=job.job_id)
+        self._send(sock, peer, reply)
+        if f.get("subscribe", True):
+            self._subs[(peer, job.job_id)] = _Sub(0)
+        self.worker.enqueue(job.job_id)
+        log.info("job %s queued (preset %s, method %s)", job.job_id, spec["preset"], spec.get("method", "apfo"))
+        return None  # already answered, before the job could emit its first event
+
+    def _on_cancel(self, sock: zmq.Socket, peer: bytes, msg: Message) -> Message:
+        job = self.store.get(str(msg.job))
+        reason = msg.fields.get("reason") or "cancelled by a client"
+        state = job.state.get("state")
+        if state in ACTIVE_STATES:
+            if self.worker.remove(job.job_id):
+                self._finish_unstarted(job, reason)
+            elif self.worker.cancel_running(job.job_id, reason):
+                job.save_state(state="cancelling")
+        return msg.reply("status_reply", {"job_status": job.summary()})
+
+    def _finish_unstarted(self, job: JobRecord, reason: str) -> None:
+        self._publish(job, job.append_event(Message("cancelled", {"reason": reason[:256]}, job=job.job_id, seq=0)))
+        job.save_state(state="cancelled", finished=time.time())
+
+    def _on_status(self, sock: zmq.Socket, peer: bytes, msg: Message) -> Message:
+        if msg.job is not None:
+            job = self.store.get(msg.job)
+            summary = job.summary()
+            queued = self.worker.queued()
+            if job.job_id in queued:
+                summary["position"] = queued.index(job.job_id)
+            return msg.reply("status_reply", {"job_status": summary})
+        jobs = self.store.all()
+        current = self.worker.current
+        server = {"server_id": self.server_id, "version": __version__, "uptime": time.time() - self._started,
+                  "queued": len(self.worker.queued()), "max_queue": self.max_queue,
+                  "running": current[0] if current else None, "jobs": len(jobs),
+                  "states": {s: sum(1 for j in jobs if j.state.get("state") == s) for s in (*ACTIVE_STATES, *TERMINAL_STATES)}}
+        return msg.reply("status_reply", {"server": server})
+
+    def _on_list_jobs(self, sock: zmq.Socket, peer: bytes, msg: Message) -> Message:
+        jobs = [j for j in reversed(self.store.all()) if msg.fields.get("state") in (None, j.state.get("state"))]
+        return msg.reply("jobs", {"jobs": [j.summary() for j in jobs[: msg.fields.get("limit", 100)]]})
+
+    def _on_subscribe(self, sock: zmq.Socket, peer: bytes, msg: Message) -> Message:
+        job = self.store.get(str(msg.job))
+        from_seq = msg.fields.get("from_seq", 0)
+        self._subs[(peer, job.job_id)] = _Sub(from_seq)
+        return msg.reply("subscribed", {"from_seq": from_seq, "next_seq": job.next_seq, "state": job.state.get("state")})
+
+    def _on_unsubscribe(self, sock: zmq.Socket, peer: bytes, msg: Message) -> Message:
+        job = self.store.get(str(msg.job))
+        self._subs.pop((peer, job.job_id), None)
+        return msg.reply("status_reply", {"job_status": job.summary()})
+
+    def _on_fetch(self, sock: zmq.Socket, peer: bytes, msg: Message) -> Message:
+        import numpy as np
+
+        job = self.store.get(str(msg.job))
+        if job.state.get("state") != "done":
+            raise StoreError(f"job {job.job_id} has no results to fetch: it is {job.state.get('state')}")
+        names = msg.fields.get("names") or list(job.state.get("files", []))
+        arrays, total = {}, 0
+        for name in names:
+            path = job.result_path(name)
+            size = path.stat().st_size
+            total += size
+            if size > self.limits.max_frame_bytes or total > self.limits.max_message_bytes - self.limits.max_header_bytes:
+                raise StoreError(f"result {name!r} is too large to send in one message ({size} bytes); fetch fewer files")
+            arrays[name] = np.fromfile(path, dtype=np.uint8)
+        return msg.reply("result", {"files": names}, arrays)
+
+    # --------------------------------------------------------------------------- sending
+
+    def _send(self, sock: zmq.Socket, peer: bytes, msg: Message) -> bool:
+        """Send one message to a peer; False if its queue is full or it is gone."""
+        frames = encode(msg, self.limits, validate=False)
+        try:
+            sock.send_multipart([peer, *frames], copy=False, flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                self._drop_peer(peer)
+                return False
+            raise
+
+    def _send_error(self, sock: zmq.Socket, peer: bytes, text: str, code: str, parent: str | None) -> None:
+        msg = Message("error", {"message": text[:4096], "code": code[:32]}, parent=parent)
+        validate_message(msg)
+        self._send(sock, peer, msg)
+
+    def _drop_peer(self, peer: bytes) -> None:
+        for key in [k for k in self._subs if k[0] == peer]:
+            del self._subs[key]
+
+    # ---------------------------------------------------------------------------- events
+
+    def _publish(self, job: JobRecord, msg: Message) -> None:
+        """Called from any thread after ``msg`` is stored: hand it to the socket thread."""
+        self._events.put((job, msg))
+        self._bell.ring()
+
+    def _broadcast(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                job, msg = self._events.get_nowait()
+            except queue.Empty:
+                return
+            frames = None
+            for (peer, job_id), sub in list(self._subs.items()):
+                if job_id != job.job_id or sub.cursor != msg.seq:
+                    continue  # another job, or a subscriber that is behind (the pump feeds it from disk)
+                frames = frames or encode(msg, self.limits, validate=False)
+                if self._send_frames(sock, peer, frames):
+                    sub.cursor += 1
+                else:
+                    sub.blocked_until = time.monotonic() + 0.01
+
+    def _send_frames(self, sock: zmq.Socket, peer: bytes, frames: list[Any]) -> bool:
+        try:
+            sock.send_multipart([peer, *frames], copy=False, flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                self._drop_peer(peer)
+                return False
+            raise
+
+    def _behind(self, key: tuple[bytes, str], sub: _Sub) -> bool:
+        try:
+            return sub.cursor < self.store.get(key[1]).next_seq
+        except StoreError:
+            return False
+
+    def _pump(self, sock: zmq.Socket) -> None:
+        """Feed subscribers that are behind from the job's log, a few events each per turn."""
+        now = time.monotonic()
+        for key, sub in list(self._subs.items()):
+            if sub.blocked_until > now or not self._behind(key, sub):
+                continue
+            job = self.store.get(key[1])
+            for _ in range(_PUMP_BATCH):
+                if sub.cursor >= job.next_seq or key not in self._subs:
+                    break
+                frames = encode(job.read_event(sub.cursor), self.limits, validate=False)
+                if not self._send_frames(sock, key[0], frames):
+                    sub.blocked_until = time.monotonic() + 0.01
+                    break
+                sub.cursor += 1
+
