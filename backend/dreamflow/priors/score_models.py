@@ -9,10 +9,13 @@ LoRA adapter on the prior's own UNet, trained with the denoising loss on the ren
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 
 from ..scene.cameras import Cameras
-from .base import Conditioning, ScoreModel
+from .base import Conditioning, ScoreModel, as_sigma
 from .gmm import mixture_denoise
 
 
@@ -58,3 +61,129 @@ class EmpiricalScoreModel(ScoreModel):
     def load_state_dict(self, state):
         """Restore the memory."""
         self.bank = state.get("bank")
+
+
+class CameraEmbedding(torch.nn.Module):
+    """ProlificDreamer's camera condition: 2-layer MLP of the 4x4 camera matrix -> time embedding.
+
+    The last layer starts at zero, so the LoRA model starts as the pretrained model exactly.
+    """
+
+    def __init__(self, out_dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(16, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, out_dim))
+        torch.nn.init.zeros_(self.net[2].weight)
+        torch.nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, cameras: Cameras) -> torch.Tensor:
+        """(B, out_dim) embeddings of the cameras."""
+        return self.net(cameras.to_matrix_features().to(self.net[0].weight.device))
+
+
+class LoraScoreModel(ScoreModel):
+    """``D_phi``: a LoRA adapter (peft) on a latent diffusion UNet, trained on the renders.
+
+    Layout: with ``phi_base`` None (or the prior itself) the adapter goes on the prior's own UNet
+    (one UNet in memory); it is switched on only inside this model's calls, so the prior always
+    denoises with the pretrained weights. DreamFlow's ``phi`` base differs from ``p`` (SD 2.1-v
+    vs SD 2.1-base); pass that model as ``phi_base`` (loaded with ``load_vae=False``) and the
+    adapter goes on its UNet instead, at the cost of a second UNet and text encoder in memory
+    (about 1.7 GB + 0.7 GB in float16 for SD 2.1). The optional camera embedding is added to the
+    UNet's time embedding by a forward hook that is active only while ``D_phi`` runs. Training:
+    the denoising loss of the base's own parameterisation (epsilon or v) on the renders, with its
+    own AdamW optimiser; denoising uses the conditional model (guidance 1), as ProlificDreamer.
+    """
+
+    trainable = True
+
+    def __init__(self, prior: Any, phi_base: Any | None = None, rank: int = 4, lr: float = 1e-3,
+                 camera_embedding: bool = False, seed: int = 0, adapter_name: str = "dreamflow_phi"):
+        from peft import LoraConfig
+
+        self.prior = prior
+        self.base = phi_base if phi_base is not None else prior
+        self.adapter_name = adapter_name
+        unet = self.base.unet
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=adapter_name)
+        self.lora_params = {n: p for n, p in unet.named_parameters() if f".{adapter_name}." in n}
+        if not self.lora_params:
+            raise RuntimeError("peft added no LoRA parameters to the UNet (no attention projections found)")
+        for p in self.lora_params.values():
+            p.data = p.data.float()  # train the adapter in float32 even when the UNet is float16
+        params = list(self.lora_params.values())
+        self.camera: CameraEmbedding | None = None
+        if camera_embedding:
+            self.camera = CameraEmbedding(unet.time_embedding.linear_2.out_features).to(self.base.device)
+            params += list(self.camera.parameters())
+            unet.time_embedding.register_forward_hook(self._add_camera)
+        self._camera_emb: torch.Tensor | None = None
+        self.optimiser = torch.optim.AdamW(params, lr=lr)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._phi_cond: dict[tuple[str, str], Conditioning] = {}
+        unet.disable_adapters()
+
+    def _add_camera(self, module, inputs, output):
+        if self._camera_emb is None:
+            return output
+        return output + self._camera_emb.to(output.dtype)
+
+    @contextlib.contextmanager
+    def _active(self, cameras: Cameras | None, repeat: int = 1):
+        """Adapter (and camera embedding) on inside, off again on the way out."""
+        unet = self.base.unet
+        unet.enable_adapters()
+        unet.set_adapter(self.adapter_name)
+        if self.camera is not None and cameras is not None:
+            self._camera_emb = self.camera(cameras).repeat(repeat, 1)
+        try:
+            yield
+        finally:
+            self._camera_emb = None
+            unet.disable_adapters()
+
+    def _embeds(self, cond: Conditioning, batch: int, cameras: Cameras | None) -> dict[str, torch.Tensor]:
+        if cond.data.get("prior") != id(self.base):
+            key = (cond.prompt, cond.negative_prompt)
+            if key not in self._phi_cond:
+                self._phi_cond[key] = self.base.condition(cond.prompt, cond.negative_prompt, 1.0)
+            cond = self._phi_cond[key]
+        return self.base.cond_embeds(cond, batch, cameras)
+
+    @torch.no_grad()
+    def denoise(self, x_noisy, sigma, cond, cameras=None, x_clean=None):
+        """The adapted UNet's conditional clean estimate."""
+        embeds = self._embeds(cond, x_noisy.shape[0], cameras)
+        with self._active(cameras):
+            return self.base.denoiser(x_noisy, sigma, embeds).to(x_noisy.dtype)
+
+    def update(self, x, sigma, cond, cameras=None):
+        """One denoising-loss step of the adapter (and camera MLP) on the detached renders."""
+        x = x.detach().float()
+        s = as_sigma(sigma, x).reshape(-1).float()
+        n = torch.randn(x.shape, generator=self.generator).to(x.device)
+        x_noisy = x + as_sigma(s, x) * n
+        embeds = self._embeds(cond, x.shape[0], cameras)
+        with torch.enable_grad(), self._active(cameras):
+            raw = self.base.denoiser.raw(x_noisy, s, embeds)
+            loss = torch.nn.functional.mse_loss(raw, self.base.denoiser.target(x, n, s))
+            self.optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimiser.step()
+        return float(loss.detach())
+
+    def state_dict(self):
+        """Adapter weights, camera MLP, optimiser and noise generator."""
+        return {"lora": {n: p.detach().clone() for n, p in self.lora_params.items()},
+                "camera": None if self.camera is None else self.camera.state_dict(),
+                "optimiser": self.optimiser.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        """Restore what state_dict() returned."""
+        with torch.no_grad():
+            for n, p in self.lora_params.items():
+                p.copy_(state["lora"][n])
+        if self.camera is not None and state.get("camera") is not None:
+            self.camera.load_state_dict(state["camera"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        self.generator.set_state(state["generator"])
