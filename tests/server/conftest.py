@@ -1,0 +1,78 @@
+"""Fixtures: in-process servers on free loopback ports, clients, and event collection."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from dreamflow.server import Server  # noqa: E402
+from dreamflow_protocol import TERMINAL_TYPES, Client, Message  # noqa: E402
+from runners import StepRunner  # noqa: E402
+
+
+class RunningServer:
+    """A server serving on a background thread; ``stop()`` ends it."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.endpoint = server.open()
+        self.thread = threading.Thread(target=server.serve_forever, name="test-server", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.thread.join(15)
+        assert not self.thread.is_alive(), "server thread did not stop"
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Callable[..., RunningServer]:
+    started: list[RunningServer] = []
+
+    def make(runner: Any = None, store: Path | None = None, bind: str = "tcp://127.0.0.1:*", **kw: Any) -> RunningServer:
+        srv = RunningServer(Server(store or tmp_path / "store", bind, runner=runner or StepRunner(), **kw))
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        if srv.thread.is_alive():
+            srv.stop()
+
+
+@pytest.fixture
+def make_client() -> Callable[..., Client]:
+    clients: list[Client] = []
+
+    def make(endpoint: str, connect: bool = True, **kw: Any) -> Client:
+        kw.setdefault("timeout", 10.0)
+        client = Client(endpoint, **kw)
+        clients.append(client)
+        if connect:
+            client.connect()
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def collect(client: Client, job: str, timeout: float = 30.0, stop: Callable[[Message], bool] | None = None) -> list[Message]:
+    """The job's events as the client delivers them, until a terminal one (or ``stop``)."""
+    events: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = client.next_event(timeout=0.2)
+        if msg is None or msg.job != job:
+            continue
+        events.append(msg)
+        if msg.type in TERMINAL_TYPES or (stop is not None and stop(msg)):
+            return events
+    raise AssertionError(f"job {job} did not finish within {timeout} s; got {[m.type for m in events]}")
