@@ -68,6 +68,11 @@ def is_loopback(endpoint: str) -> bool:
         return False  # "*", an interface name, or a host name: not provably local
 
 
+def transport_cap(limits: Limits) -> int:
+    """The largest single frame ZeroMQ accepts before it drops the connection."""
+    return max(2 * limits.max_frame_bytes, limits.max_frame_bytes + 1024 * 1024)
+
+
 @dataclass
 class _Sub:
     cursor: int
@@ -108,9 +113,10 @@ class Server:
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # Transport-level cap, above the protocol's own per-frame check, so a huge frame from a
-        # peer costs no more than this much memory before the protocol refuses it with an error.
-        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes + self.limits.max_header_bytes)
+        # Transport-level cap, above the protocol's own per-frame check: frames somewhat over the
+        # limit get an error reply that names the limit; a peer sending far more than that is
+        # disconnected by ZeroMQ before the memory is spent.
+        sock.setsockopt(zmq.MAXMSGSIZE, transport_cap(self.limits))
         sock.setsockopt(zmq.SNDHWM, 1000)
         if self._keys is not None:
             self._setup_curve(sock)
