@@ -1,0 +1,351 @@
+"""The main-thread side of the thread boundary: :func:`drain_and_apply` and what it applies.
+
+Threads (see ``session.py``): the protocol Client's socket thread and the request worker never
+touch ``bpy``; they only fill thread-safe queues. :func:`drain_and_apply` is the ONE place where
+received messages and request outcomes enter Blender: it runs on the main thread, called by a
+``bpy.app.timers`` timer in the UI and directly by tests and scripts in background mode (where
+timers never fire). It is bounded (``max_messages``, ``time_budget_s``) so the UI stays
+responsive, coalesces superseded preview meshes, and never raises: every failure becomes a
+message in the panel and in Blender's report area.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Any
+
+import bpy
+import numpy as np
+
+from . import importer, jobspec
+from .backend import LocalBackend
+from .properties import TERMINAL_STATES
+from .session import Outcome, Session, load_curve_keys
+
+_session: Session | None = None
+_session_key: tuple | None = None
+_held: list[tuple[float, Any]] = []   # events of jobs this file does not know yet (submit still returning)
+HOLD_SECONDS = 30.0
+local_backend = LocalBackend()
+
+
+class Defaults:
+    """Preference values used when the add-on's preferences are not available (scripts, tests)."""
+
+    address = "tcp://127.0.0.1:5555"
+    server_key_file = ""
+    client_key_file = ""
+    timeout = 10.0
+    heartbeat = 1.0
+    poll_interval = 0.1
+    start_local = False
+    backend_executable = "dreamflow"
+    backend_arguments = "serve --bind {address}"
+
+
+def preferences() -> Any:
+    """The add-on preferences (or :class:`Defaults` when the add-on is not registered as such)."""
+    addon = bpy.context.preferences.addons.get(__package__)
+    return addon.preferences if addon is not None and addon.preferences is not None else Defaults
+
+
+def run_state() -> Any:
+    """The WindowManager's transient run state, or None when there is no window manager."""
+    wm = bpy.context.window_manager
+    return getattr(wm, "dreamflow", None) if wm is not None else None
+
+
+def settings(scene: bpy.types.Scene) -> Any:
+    """The scene's DreamFlow settings and jobs."""
+    return scene.dreamflow
+
+
+# ------------------------------------------------------------------------------ reporting
+
+
+def report(level: str, message: str, job: Any = None) -> None:
+    """Show ``message`` in the panel, in Blender's report area (UI only) and on the console."""
+    print(f"DreamFlow {level.lower()}: {message}")
+    state = run_state()
+    if level == "ERROR" and state is not None:
+        state.last_error = message
+    if job is not None:
+        job.message = message
+    if bpy.app.background:
+        return
+    try:
+        bpy.ops.dreamflow.report(level=level, message=message[:1000])
+    except Exception:
+        pass  # the report area is a courtesy; the panel already shows the message
+
+
+def redraw_panels() -> None:
+    """Redraw 3D View sidebars so progress shows without moving the mouse."""
+    wm = bpy.context.window_manager
+    if wm is None:
+        return
+    for window in wm.windows:
+        for area in window.screen.areas:
+            if area.type == "VIEW_3D":
+                area.tag_redraw()
+
+
+# ------------------------------------------------------------------------------ session
+
+
+def check_online_access(address: str) -> None:
+    """Raise ValueError when a non-local backend is configured but Blender's online access is off."""
+    if not jobspec.is_local_endpoint(address) and not bpy.app.online_access:
+        raise ValueError(f"{address} is not on this machine and Blender's online access is off; allow it in "
+                         f"Preferences > System > Network, or use a local backend (tcp://127.0.0.1:5555)")
+
+
+def get_session(create: bool = True) -> Session | None:
+    """The session for the current preferences, (re)created when the address or keys changed."""
+    global _session, _session_key
+    prefs = preferences()
+    key = (prefs.address.strip(), prefs.server_key_file, prefs.client_key_file, round(prefs.timeout, 3),
+           round(prefs.heartbeat, 3))
+    if _session is not None and _session_key == key:
+        return _session
+    if not create:
+        return _session
+    address = jobspec.check_endpoint(prefs.address)
+    check_online_access(address)
+    keys = None
+    if prefs.server_key_file or prefs.client_key_file:
+        if not (prefs.server_key_file and prefs.client_key_file):
+            raise ValueError("an authenticated backend needs both the server public key and the client secret key")
+        keys = load_curve_keys(bpy.path.abspath(prefs.server_key_file), bpy.path.abspath(prefs.client_key_file))
+    close_session()
+    if prefs.start_local and jobspec.is_local_endpoint(address) and not local_backend.running:
+        local_backend.start(bpy.path.abspath(prefs.backend_executable) if prefs.backend_executable.startswith("//")
+                            else prefs.backend_executable, prefs.backend_arguments, address)
+    _session = Session(address, keys=keys, timeout=prefs.timeout, heartbeat=prefs.heartbeat)
+    _session_key = key
+    state = run_state()
+    if state is not None:
+        state.connection = "CONNECTING"
+        state.connection_message = f"Connecting to {address}"
+    _session.connect()
+    return _session
+
+
+def close_session() -> None:
+    """Close the current session (its threads stop)."""
+    global _session, _session_key
+    if _session is not None:
+        _session.close()
+    _session = None
+    _session_key = None
+    _held.clear()
+
+
+# ------------------------------------------------------------------------------ the drain
+
+
+def drain_and_apply(scene: bpy.types.Scene | None = None, max_messages: int = 32, time_budget_s: float = 0.05) -> int:
+    """Apply what the backend sent since the last call to ``scene``; the number of events applied.
+
+    Main thread only. Takes request outcomes (submitted, cancelled, reattached, failed), the
+    connection state, malformed-message notices and up to ``max_messages`` job events, stopping
+    early once ``time_budget_s`` is spent (the rest waits for the next call). Never raises.
+    """
+    session = _session
+    if session is None:
+        return 0
+    try:
+        scene = scene or bpy.context.scene
+        for outcome in session.poll_outcomes():
+            _apply_outcome(scene, outcome)
+        _update_connection(session, scene)
+        for problem in session.new_malformed():
+            report("ERROR", f"The backend sent a malformed message, ignored: {problem}")
+        return _apply_events(scene, session, max_messages, time_budget_s)
+    except Exception as exc:  # the drain must never take Blender down
+        traceback.print_exc()
+        report("ERROR", f"DreamFlow could not apply a backend message: {exc}")
+        return 0
+
+
+def _apply_events(scene: bpy.types.Scene, session: Session, max_messages: int, time_budget_s: float) -> int:
+    s = settings(scene)
+    start = time.perf_counter()
+    now = time.monotonic()
+    batch = [m for _, m in _held] + session.poll_events(max_messages)
+    _held.clear()
+    # A non-final mesh is superseded by a later mesh of the same job in the same batch: skip the
+    # older one (its seq is still recorded), so a slow UI catches up instead of falling behind.
+    last_mesh = {}
+    for i, msg in enumerate(batch):
+        if msg.type == "mesh":
+            last_mesh[msg.job] = i
+    applied = 0
+    for i, msg in enumerate(batch):
+        job = s.find_job(str(msg.job))
+        if job is None:
+            _held.append((now, msg))
+            continue
+        if applied and time.perf_counter() - start > time_budget_s:
+            _held.extend((now, m) for m in batch[i:])
+            break
+        if msg.seq is not None and msg.seq <= job.last_seq:
+            continue  # already applied before this file was saved and reopened
+        skip = msg.type == "mesh" and not msg.fields.get("final") and last_mesh.get(msg.job) != i
+        if not skip:
+            try:
+                _apply_event(scene, job, msg)
+            except Exception as exc:
+                traceback.print_exc()
+                report("ERROR", f"Job {job.job_id[:8]}: could not apply its {msg.type} message: {exc}", job)
+        if msg.seq is not None:
+            job.last_seq = int(msg.seq)
+        applied += 1
+    # Events for jobs that never show up in this file (another file's job) are dropped after a while.
+    _held[:] = [(t, m) for t, m in _held if now - t < HOLD_SECONDS]
+    return applied
+
+
+def _apply_outcome(scene: bpy.types.Scene, outcome: Outcome) -> None:
+    s = settings(scene)
+    state = run_state()
+    if outcome.kind == "connect":
+        if outcome.error:
+            if state is not None:
+                state.connection = "UNREACHABLE"
+                state.connection_message = outcome.error
+            report("ERROR", f"Cannot reach the DreamFlow backend: {outcome.error}")
+        elif state is not None:
+            caps = outcome.value or {}
+            state.connection = "CONNECTED"
+            state.connection_message = ""
+            state.server_info = f"{caps.get('server_version', '?')} on {caps.get('device', '?')}"
+        return
+    if outcome.kind == "submit":
+        placeholder = s.find_job(outcome.context.get("placeholder", ""))
+        if outcome.error:
+            if placeholder is not None:
+                placeholder.state = "failed"
+            report("ERROR", f"Could not start the job: {outcome.error}", placeholder)
+            return
+        job = placeholder if placeholder is not None else s.jobs.add()
+        job.job_id = str(outcome.value)
+        job.state = "queued"
+        job.message = ""
+        s.active_job = list(s.jobs).index(job)
+        return
+    job = s.find_job(outcome.context.get("job", ""))
+    if outcome.kind == "cancel":
+        if outcome.error:
+            report("ERROR", f"Could not cancel the job: {outcome.error}", job)
+        elif job is not None and job.state not in TERMINAL_STATES:
+            job.state = "cancelling"
+    elif outcome.kind == "subscribe":
+        if outcome.error:
+            if job is not None:
+                job.state = "detached"
+            report("ERROR", f"Could not reattach to the job: {outcome.error}", job)
+        elif job is not None:
+            job.state = str((outcome.value or {}).get("state", job.state))
+            job.message = "reattached"
+
+
+def _update_connection(session: Session, scene: bpy.types.Scene) -> None:
+    state = run_state()
+    if state is None:
+        return
+    if session.connected:
+        if state.connection != "CONNECTED":
+            state.connection = "CONNECTED"
+            state.connection_message = ""
+    elif session.ever_connected and state.connection == "CONNECTED":
+        state.connection = "LOST"
+        state.connection_message = (f"Lost the connection to {session.endpoint}; retrying, running jobs resume "
+                                    f"where they left off")
+        report("WARNING", state.connection_message)
+    if local_backend.exit_message() and state.connection != "CONNECTED":
+        state.connection_message = local_backend.exit_message()
+
+
+def _apply_event(scene: bpy.types.Scene, job: Any, msg: Any) -> None:
+    f = msg.fields
+    if msg.type == "progress":
+        job.state = "running" if job.state not in ("cancelling",) else job.state
+        job.stage = f["stage"]
+        job.step = int(f["step"])
+        job.total = int(f["total"])
+        job.eta = -1.0 if f.get("eta") is None else float(f["eta"])
+        job.loss = 0.0 if f.get("loss") is None else float(f["loss"])
+    elif msg.type == "preview":
+        image = importer.check_image(msg.arrays["image"], "preview image")
+        name = job.preview_image or f"DreamFlow preview {job.job_id[:8]}"
+        img = importer.write_image(name, image, bpy.data.images.get(name))
+        job.preview_image = img.name
+        if not bpy.app.background:
+            img.preview_ensure()
+            img.preview.reload()
+    elif msg.type == "mesh":
+        obj = importer.apply_mesh(scene, job.job_id, msg.arrays, object_name=job.object_name,
+                                  object_id=f.get("object_id") or job.object_id, stage=f["stage"], step=int(f["step"]))
+        job.object_name = obj.name
+        job.object_id = importer.ensure_object_id(obj)
+        job.stage = f["stage"]
+        if f.get("final"):
+            importer.pack_job_images(obj)
+    elif msg.type == "stage_done":
+        job.message = f"{f['stage']} done" + (f" in {f['seconds']:.0f} s" if f.get("seconds") is not None else "")
+    elif msg.type == "job_done":
+        job.state = "done"
+        job.step = job.total
+        job.eta = -1.0
+        obj = importer.find_object_by_id(job.object_id) or bpy.data.objects.get(job.object_name)
+        if obj is not None:
+            importer.pack_job_images(obj)
+        job.message = "done" + (f" in {f['seconds']:.0f} s" if f.get("seconds") is not None else "")
+    elif msg.type == "cancelled":
+        job.state = "cancelled"
+        job.eta = -1.0
+        job.message = f"cancelled: {f['reason']}"
+    elif msg.type == "error":
+        job.state = "failed"
+        job.eta = -1.0
+        report("ERROR", f"Job {job.job_id[:8]} failed: {f['message']}", job)
+    elif msg.type == "log" and f["level"] in ("warning", "error"):
+        job.message = f["message"]
+
+
+def job_for_object(scene: bpy.types.Scene, obj: bpy.types.Object) -> Any:
+    """The scene's job record that last updated ``obj``, if any."""
+    s = settings(scene)
+    return s.find_job(str(obj.get(importer.JOB_KEY, ""))) if obj is not None else None
+
+
+def active_job(scene: bpy.types.Scene) -> Any:
+    """The job the panel shows progress for."""
+    s = settings(scene)
+    if 0 <= s.active_job < len(s.jobs):
+        return s.jobs[s.active_job]
+    return None
+
+
+# ------------------------------------------------------------------------------ the timer
+
+
+def timer() -> float:
+    """``bpy.app.timers`` callback: drain, redraw, and come back soon while anything is running."""
+    try:
+        if _session is None:
+            return 0.5
+        applied = drain_and_apply(bpy.context.scene)
+        redraw_panels()
+        prefs = preferences()
+        return 0.0 if applied >= 32 else float(prefs.poll_interval)
+    except Exception:
+        traceback.print_exc()
+        return 1.0
+
+
+def placeholder_id() -> str:
+    """A temporary id for a job whose submit has not returned yet."""
+    return "pending-" + np.random.default_rng().bytes(6).hex()
