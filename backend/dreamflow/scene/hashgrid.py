@@ -1,0 +1,188 @@
+"""Multi-resolution hash-grid encoding (Instant NGP), with tinycudann's numbers in pure PyTorch.
+
+:class:`TorchHashGrid` follows tinycudann's "HashGrid" encoding exactly, so that parameters can be
+copied between the two and give the same output: level ``l`` has the scale
+``base * b**l - 1`` with ``b = exp(ln(max / base) / (levels - 1))``, resolution
+``ceil(scale) + 1``; a point ``x`` in [0, 1]^3 sits at ``x * scale + 0.5`` in grid units; a level
+whose dense grid fits into its table is indexed densely, otherwise by the spatial hash
+``x ^ (y * 2654435761) ^ (z * 805459861)`` modulo the table size; corners are blended
+trilinearly; parameters start uniform in [-1e-4, 1e-4]; features are concatenated level by level.
+:func:`make_hash_grid` picks tinycudann on CUDA when it is installed (``dreamflow.accel``) and this
+twin otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import accel
+
+#: The spatial-hash primes of Instant NGP (one per dimension; the first is 1 for coherence).
+HASH_PRIMES = (1, 2654435761, 805459861)
+
+
+def per_level_scale(levels: int, base_resolution: int, max_resolution: int) -> float:
+    """Growth factor b between levels so that the finest level reaches ``max_resolution``."""
+    if levels <= 1:
+        return 1.0
+    return math.exp(math.log(max_resolution / base_resolution) / (levels - 1))
+
+
+def level_scales(levels: int, base_resolution: int, scale_factor: float) -> list[float]:
+    """tinycudann's per-level scale ``base * b**l - 1`` (float32 arithmetic, as on the GPU)."""
+    log2_b = math.log2(scale_factor)
+    return [float(torch.tensor(2.0 ** (l * log2_b), dtype=torch.float32) * base_resolution - 1.0) for l in range(levels)]
+
+
+def level_layout(levels: int, log2_table_size: int, base_resolution: int, scale_factor: float) -> list[tuple[float, int, int]]:
+    """Per level: (scale, resolution, table size) with tinycudann's rounding to multiples of 8."""
+    out = []
+    for scale in level_scales(levels, base_resolution, scale_factor):
+        res = int(math.ceil(scale)) + 1
+        dense = res ** 3
+        size = min(((dense + 7) // 8) * 8, 1 << log2_table_size)
+        out.append((scale, res, size))
+    return out
+
+
+class TorchHashGrid(nn.Module):
+    """Pure-PyTorch hash grid; input (N, 3) in [0, 1], output (N, levels * features)."""
+
+    def __init__(self, levels: int = 16, log2_table_size: int = 19, features_per_level: int = 2,
+                 base_resolution: int = 16, max_resolution: int = 2048, init_scale: float = 1e-4,
+                 seed: int | None = None):
+        super().__init__()
+        self.levels = levels
+        self.features_per_level = features_per_level
+        self.scale_factor = per_level_scale(levels, base_resolution, max_resolution)
+        layout = level_layout(levels, log2_table_size, base_resolution, self.scale_factor)
+        self.scales = [s for s, _, _ in layout]
+        self.resolutions = [r for _, r, _ in layout]
+        self.table_sizes = [n for _, _, n in layout]
+        offsets = [0]
+        for n in self.table_sizes:
+            offsets.append(offsets[-1] + n)
+        self.offsets = offsets
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        # One flat parameter laid out like tinycudann's: level after level, F features per entry.
+        self.params = nn.Parameter((torch.rand(offsets[-1] * features_per_level, generator=g) * 2.0 - 1.0) * init_scale)
+
+    @property
+    def output_dim(self) -> int:
+        """Number of output features."""
+        return self.levels * self.features_per_level
+
+    def _group(self, x: torch.Tensor, levels: range, hashed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Table rows (N, len(levels), 8) and trilinear weights (same shape) for a group of levels.
+
+        Per-dimension terms are combined by broadcasting (2 x 2 x 2 corners), which is far
+        cheaper on a CPU than building the eight corner coordinates explicitly.
+        """
+        dev = x.device
+        lv = list(levels)
+        scales = torch.tensor([self.scales[l] for l in lv], device=dev, dtype=torch.float32)
+        pos = x[:, None, :] * scales[None, :, None] + 0.5                       # (N, G, 3)
+        base = torch.floor(pos)
+        frac = pos - base
+        base = base.long()
+        w1 = torch.stack([1.0 - frac, frac], dim=-1)                            # (N, G, 3, 2)
+        c = torch.stack([base, base + 1], dim=-1)                               # (N, G, 3, 2)
+        w = w1[:, :, 0, :, None, None] * w1[:, :, 1, None, :, None] * w1[:, :, 2, None, None, :]
+        sizes = torch.tensor([self.table_sizes[l] for l in lv], device=dev, dtype=torch.long)[None, :, None, None, None]
+        if hashed:
+            # uint32 arithmetic: products wrap modulo 2^32 before the XOR, as in CUDA.
+            m = (1 << 32) - 1
+            hx = (c[:, :, 0] * HASH_PRIMES[0]) & m
+            hy = (c[:, :, 1] * HASH_PRIMES[1]) & m
+            hz = (c[:, :, 2] * HASH_PRIMES[2]) & m
+            idx = hx[:, :, :, None, None] ^ hy[:, :, None, :, None] ^ hz[:, :, None, None, :]
+            # A hashed level's table is exactly 2^log2 entries: the modulo is a mask.
+            idx = idx & (sizes - 1)
+        else:
+            res = torch.tensor([self.resolutions[l] for l in lv], device=dev, dtype=torch.long)[None, :, None]
+            ix = c[:, :, 0]
+            iy = c[:, :, 1] * res
+            iz = c[:, :, 2] * (res * res)
+            idx = ix[:, :, :, None, None] + iy[:, :, None, :, None] + iz[:, :, None, None, :]
+            # Corners one past the far face overflow the dense table by less than its size.
+            idx = torch.where(idx >= sizes, idx - sizes, idx)
+        offsets = torch.tensor([self.offsets[l] for l in lv], device=dev, dtype=torch.long)[None, :, None, None, None]
+        n = x.shape[0]
+        return (idx + offsets).reshape(n, len(lv), 8), w.reshape(n, len(lv), 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode points ``x`` (N, 3) in [0, 1]^3."""
+        x = x.float()
+        n = x.shape[0]
+        table = self.params.view(-1, self.features_per_level)
+        n_dense = sum(1 for r, size in zip(self.resolutions, self.table_sizes) if r ** 3 <= size)
+        parts_idx, parts_w = [], []
+        for group, hashed in ((range(0, n_dense), False), (range(n_dense, self.levels), True)):
+            if len(group):
+                idx, w = self._group(x, group, hashed)
+                parts_idx.append(idx)
+                parts_w.append(w)
+        idx = torch.cat(parts_idx, dim=1)                                       # (N, L, 8)
+        w = torch.cat(parts_w, dim=1)
+        # One gather for all levels; index_select's backward (index_add) is the fast path on CPU.
+        vals = table.index_select(0, idx.reshape(-1)).view(n, self.levels, 8, self.features_per_level)
+        out = torch.einsum("nlkf,nlk->nlf", vals, w)
+        return out.reshape(n, self.levels * self.features_per_level)
+
+
+class TcnnHashGrid(nn.Module):
+    """tinycudann's HashGrid with the same configuration and parameter layout (CUDA only)."""
+
+    def __init__(self, tcnn, levels: int, log2_table_size: int, features_per_level: int,
+                 base_resolution: int, max_resolution: int, seed: int = 1337):
+        super().__init__()
+        self.levels = levels
+        self.features_per_level = features_per_level
+        self.scale_factor = per_level_scale(levels, base_resolution, max_resolution)
+        self.encoding = tcnn.Encoding(3, {
+            "otype": "HashGrid", "n_levels": levels, "n_features_per_level": features_per_level,
+            "log2_hashmap_size": log2_table_size, "base_resolution": base_resolution,
+            "per_level_scale": self.scale_factor, "interpolation": "Linear",
+        }, seed=seed, dtype=torch.float32)
+
+    @property
+    def params(self) -> nn.Parameter:
+        """The flat parameter vector (same layout as TorchHashGrid.params)."""
+        return self.encoding.params
+
+    @property
+    def output_dim(self) -> int:
+        """Number of output features."""
+        return self.levels * self.features_per_level
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode points ``x`` (N, 3) in [0, 1]^3."""
+        return self.encoding(x.float().contiguous()).float()
+
+
+def make_hash_grid(levels: int, log2_table_size: int, features_per_level: int, base_resolution: int,
+                   max_resolution: int, device: torch.device | str, backend: str = "auto",
+                   seed: int = 0) -> nn.Module:
+    """The hash grid for ``device``: tinycudann where available (``backend='auto'``), else the twin.
+
+    ``backend`` may force ``"torch"`` or ``"tcnn"`` (the latter raises when tinycudann is absent).
+    """
+    args = dict(levels=levels, log2_table_size=log2_table_size, features_per_level=features_per_level,
+                base_resolution=base_resolution, max_resolution=max_resolution)
+    tcnn = accel.tinycudann(device) if backend in ("auto", "tcnn") else None
+    if backend == "tcnn" and tcnn is None:
+        raise RuntimeError("the tinycudann hash grid was requested but tinycudann/CUDA is not available")
+    if tcnn is not None:
+        return TcnnHashGrid(tcnn, seed=seed + 1337, **args).to(device)
+    return TorchHashGrid(seed=seed, **args).to(device)
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Hash-grid backends usable on ``device`` ("torch" always, "tcnn" where it exists)."""
+    out = ["torch"]
+    if accel.tinycudann(device) is not None:
+        out.append("tcnn")
+    return out
