@@ -10,6 +10,7 @@ LoRA adapter on the prior's own UNet, trained with the denoising loss on the ren
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any
 
 import torch
@@ -175,8 +176,8 @@ class LoraScoreModel(ScoreModel):
     def state_dict(self):
         """Adapter weights, camera MLP, optimiser and noise generator."""
         return {"lora": {n: p.detach().clone() for n, p in self.lora_params.items()},
-                "camera": None if self.camera is None else self.camera.state_dict(),
-                "optimiser": self.optimiser.state_dict(), "generator": self.generator.get_state()}
+                "camera": None if self.camera is None else {k: v.clone() for k, v in self.camera.state_dict().items()},
+                "optimiser": copy.deepcopy(self.optimiser.state_dict()), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
         """Restore what state_dict() returned."""
