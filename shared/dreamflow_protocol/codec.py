@@ -270,7 +270,11 @@ def _decode_checked(header: dict, frames: Sequence[Any], limits: Limits, mid: st
         raise ProtocolError(f"{mtype}: two buffers share a name", code="bad_buffers")
     _check_arrays(mtype, schema, {n: (d, s) for n, d, s, _ in parsed}, limits)
     # The zero-copy step: the array views the frame's own memory (little-endian on the wire).
-    arrays = {name: np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape) for name, dtype, shape, buf in parsed}
+    arrays = {}
+    for name, dtype, shape, buf in parsed:
+        arr = np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+        arr.flags.writeable = False  # it shares the frame's memory: copy it before changing it
+        arrays[name] = arr
     if schema.extra is not None:
         schema.extra(fields, arrays, mtype)
     return Message(mtype, fields, arrays, job=job, seq=seq, parent=parent, id=mid)
