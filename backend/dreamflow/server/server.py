@@ -396,7 +396,7 @@ class Server:
                     continue  # another job, or a subscriber that is behind (the pump feeds it from disk)
                 frames = frames or encode(msg, self.limits, validate=False)
                 if self._send_frames(sock, peer, frames):
-                    sub.cursor += 1
+                    self._advance((peer, job_id), sub, msg)
                 else:
                     sub.blocked_until = time.monotonic() + 0.01
 
@@ -428,9 +428,15 @@ class Server:
             for _ in range(_PUMP_BATCH):
                 if sub.cursor >= job.next_seq or key not in self._subs:
                     break
-                frames = encode(job.read_event(sub.cursor), self.limits, validate=False)
-                if not self._send_frames(sock, key[0], frames):
+                event = job.read_event(sub.cursor)
+                if not self._send_frames(sock, key[0], encode(event, self.limits, validate=False)):
                     sub.blocked_until = time.monotonic() + 0.01
                     break
-                sub.cursor += 1
+                self._advance(key, sub, event)
+
+    def _advance(self, key: tuple[bytes, str], sub: _Sub, sent: Message) -> None:
+        """Move a subscriber past an event it was sent; after a terminal event it is done."""
+        sub.cursor += 1
+        if sent.type in TERMINAL_EVENT_STATES:
+            self._subs.pop(key, None)  # nothing follows; also frees subscriptions of vanished clients
 
