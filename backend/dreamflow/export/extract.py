@@ -45,6 +45,14 @@ def marching_cubes(volume: np.ndarray, level: float, half: float = BOX_HALF) -> 
     return orient_outwards(mesh)
 
 
+def usable_level(volume: np.ndarray, level: float) -> float:
+    """``level``, or half the peak density when the field never reaches it (an early, faint field)."""
+    peak = float(volume.max())
+    if np.isfinite(peak) and 0.0 < peak <= level:
+        return 0.5 * peak
+    return level
+
+
 def signed_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
     """Volume enclosed by the triangles (positive when their normals point outwards)."""
     v0, v1, v2 = (vertices[faces[:, k]].astype(np.float64) for k in range(3))
@@ -102,7 +110,22 @@ def extract_surface(density_fn: Callable[[torch.Tensor], torch.Tensor], resoluti
                     face_budget: int, device: torch.device | str = "cpu", min_component_fraction: float = 0.1) -> MeshData:
     """The density field's iso-surface, cleaned and simplified (no UVs yet)."""
     volume = sample_grid(density_fn, resolution, device)
+    level = usable_level(volume, level)
     mesh = marching_cubes(volume, level)
     mesh = keep_largest_components(mesh, min_component_fraction)
     mesh = orient_outwards(simplify(mesh, face_budget))
     return mesh
+
+
+def extract_textured_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor],
+                          colour_fn: Callable[[torch.Tensor], torch.Tensor], resolution: int, level: float,
+                          face_budget: int, texture_size: int, device: torch.device | str = "cpu") -> MeshData:
+    """Iso-surface -> cleaned, simplified, unwrapped (xatlas) mesh with a baked albedo texture and normals."""
+    from .bake import bake_texture
+    from .unwrap import unwrap
+
+    mesh = extract_surface(density_fn, resolution, level, face_budget, device)
+    mesh.normals = vertex_normals(mesh)
+    mesh = unwrap(mesh, texture_size)
+    mesh.texture = bake_texture(mesh, colour_fn, texture_size, device)
+    return mesh.as_float32().validate()

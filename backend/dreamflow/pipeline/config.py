@@ -65,10 +65,13 @@ class NerfStageConfig:
     density_bias_radius: float = 0.5
     orientation_weight: float = 1e-2
     occupancy_resolution: int = 64
+    occupancy_every: int = 16         # refresh the empty-space grid every N steps
+    occupancy_threshold: float = 0.5  # density below which a cell is skipped
     cameras: CameraRanges = CameraRanges()
     preview_every: int = 50
     mesh_every: int = 500
     mesh_resolution: int = 128
+    mesh_level: float = 10.0          # density iso-level of the extracted surface
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,93 @@
+"""Priors and score models by name: the one place where the job's settings become those objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError
+from ..methods.registry import MethodConfig
+from ..priors.base import IdentityScoreModel, Prior, ScoreModel
+from .config import JobConfig
+from .context import JobContext
+
+
+def reference_renderer(config: JobConfig, device: torch.device):
+    """The reference object of ``config.prior.reference`` ("builtin" or a mesh file), ready to render."""
+    from ..priors.reference import ReferenceRenderer
+    from ..scene.reference_object import builtin_house, load_reference
+
+    if config.prior.reference == "builtin":
+        return ReferenceRenderer(builtin_house(), device=device)
+    mesh, colours = load_reference(config.prior.reference)
+    return ReferenceRenderer(mesh, colours, device=device)
+
+
+def _tiny_folder(ctx: JobContext) -> Path:
+    base = ctx.checkpoint_dir if ctx.checkpoint_dir is not None else ctx.out_dir / ".cache"
+    return base / "tiny-stable-diffusion"
+
+
+def get_prior(ctx: JobContext) -> Prior:
+    """The job's pretrained prior D_p, built once and shared by its stages."""
+    if "prior" in ctx.cache:
+        return ctx.cache["prior"]
+    cfg = ctx.config.prior
+    if cfg.kind == "reference":
+        from ..priors.reference import ReferenceObjectPrior
+
+        if ctx.reference is None:
+            ctx.reference = reference_renderer(ctx.config, ctx.device)
+        prior: Prior = ReferenceObjectPrior(ctx.reference, cfg.reference_std)
+    else:
+        if not ctx.config.prompt.strip():
+            raise ConfigError(f"the {cfg.kind} prior is a text-to-image model and needs a prompt; got an empty one")
+        from ..priors.stable_diffusion import StableDiffusionPrior
+
+        if cfg.kind == "tiny":
+            from ..priors.tiny import tiny_stable_diffusion
+
+            folder = tiny_stable_diffusion(_tiny_folder(ctx), seed=ctx.config.seed)
+            prior = StableDiffusionPrior.from_pretrained(str(folder), device=ctx.device, dtype="float32",
+                                                         local_files_only=True)
+        else:
+            # SD renders are 256 px in the paper; the VAE sees them at its native 512.
+            prior = StableDiffusionPrior.from_pretrained(cfg.model, device=ctx.device, dtype=cfg.dtype,
+                                                         local_files_only=cfg.local_files_only, encode_size=512)
+    ctx.cache["prior"] = prior
+    return prior
+
+
+def build_score_model(ctx: JobContext, prior: Prior, method: MethodConfig, stage: str) -> tuple[ScoreModel, str]:
+    """D_phi for a stage and the name of what was built (reported, since "lora" may fall back).
+
+    Each stage gets its own LoRA adapter (named after the stage) on the shared UNet.
+    """
+    cfg = ctx.config.prior
+    kind = method.score_model
+    if kind == "identity":
+        return IdentityScoreModel(), "identity"
+    if not prior.is_latent:
+        # Under an exact per-camera prior the renders of a fixed camera are one point, whose exact
+        # denoiser is the identity; a LoRA needs a UNet and would only approximate it.
+        return IdentityScoreModel(), "exact-identity"
+    if kind == "exact":
+        from ..priors.score_models import EmpiricalScoreModel
+
+        return EmpiricalScoreModel(std=cfg.reference_std), "empirical"
+    from ..priors.score_models import LoraScoreModel
+
+    phi_base = None
+    if cfg.kind == "stable-diffusion" and cfg.phi_model and cfg.phi_model != cfg.model:
+        if "phi_base" not in ctx.cache:
+            from ..priors.stable_diffusion import StableDiffusionPrior
+
+            ctx.cache["phi_base"] = StableDiffusionPrior.from_pretrained(
+                cfg.phi_model, device=ctx.device, dtype=cfg.dtype, local_files_only=cfg.local_files_only,
+                load_vae=False)
+        phi_base = ctx.cache["phi_base"]
+    model = LoraScoreModel(prior, phi_base=phi_base, rank=cfg.lora_rank, lr=cfg.lora_lr,
+                           camera_embedding=cfg.camera_embedding, seed=ctx.config.seed,
+                           adapter_name=f"dreamflow_phi_{stage}")
+    return model, "lora"

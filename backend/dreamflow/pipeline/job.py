@@ -1,0 +1,181 @@
+"""One generation job: the enabled stages in order, then the files (GLB, turntable, loss plot, report).
+
+``run_job`` is what the server's worker and the one-shot CLI call. Stages are a plain ordered list
+of ``(name, config attribute, runner)``; a runner is ``run(ctx: JobContext) -> None`` (see
+context.py). Files written to ``out_dir`` (names relative to it in ``JobResult.files``):
+
+- ``model.glb``: the final textured mesh (PBR material, texture embedded, Y-up as glTF wants);
+- ``model.obj`` + ``model.mtl`` + ``model_albedo.png`` when ``export.write_obj``;
+- ``turntable.png``: a grid of views of the final asset (and of the reference, when there is one);
+- ``loss.png``: the loss per step of every stage;
+- ``report.json``: settings, per-stage seconds and metrics, the quality of the result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..accel import pick_device
+from ..config import ConfigError, to_dict
+from ..events import EventSink, JobControl
+from ..export.files import write_glb, write_obj, write_png
+from ..export.mesh import MeshData, MeshError
+from ..scene.cameras import Cameras, orbit
+from .config import JobConfig
+from .context import JobContext
+from .metrics import chamfer_relative, held_out_cameras, psnr
+from .stage1 import run_stage1
+
+StageRunner = Callable[[JobContext], None]
+
+#: The pipeline: (stage name, JobConfig attribute holding its settings, runner), in order.
+STAGES: list[tuple[str, str, StageRunner]] = [
+    ("stage1", "stage1", run_stage1),
+]
+
+TURNTABLE_VIEWS = 8
+TURNTABLE_RESOLUTION = 128
+EVAL_RESOLUTION = 128
+
+
+@dataclass
+class JobResult:
+    """What a finished job produced: file names (relative to out_dir) and the report."""
+
+    files: dict[str, str] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+
+def _stage_plan(config: JobConfig, start_stage: str | None) -> list[tuple[str, str, StageRunner]]:
+    names = [name for name, _, _ in STAGES]
+    if start_stage is not None and start_stage not in names:
+        raise ConfigError(f"unknown start stage {start_stage!r}; this pipeline has {', '.join(names)}")
+    first = names.index(start_stage) if start_stage is not None else 0
+    return [(n, attr, run) for n, attr, run in STAGES[first:] if getattr(config, attr).enabled]
+
+
+def render_asset(mesh: MeshData, cameras: Cameras, resolution: int, device: torch.device) -> torch.Tensor:
+    """The textured mesh rasterised over white, (B, 3, H, W) in [0, 1]."""
+    from ..render.raster import render_mesh
+
+    v = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=device)
+    f = torch.as_tensor(mesh.faces, dtype=torch.long, device=device)
+    uv = torch.as_tensor(mesh.uvs, dtype=torch.float32, device=device)
+    tex = torch.as_tensor(mesh.texture[..., :3], device=device).float() / 255.0
+    with torch.no_grad():
+        out = render_mesh(v, f, cameras.to(device), resolution, uvs=uv, texture=tex, background=1.0)
+    return out.image.clamp(0.0, 1.0)
+
+
+def _grid(rows: list[torch.Tensor]) -> np.ndarray:
+    """Rows of (B, 3, H, W) images -> one (rows*H, B*W, 3) uint8 image."""
+    lines = [torch.cat(list(r), dim=2) for r in rows]
+    img = torch.cat(lines, dim=1)
+    return (img.permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+def _loss_plot(ctx: JobContext, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    offset = 0
+    for name, rec in ctx.stages.items():
+        losses = [r.loss for r in rec.history]
+        if losses:
+            ax.plot(np.arange(offset, offset + len(losses)), losses, label=name, linewidth=0.8)
+            offset += len(losses)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss 0.5 ||x - target||^2")
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _finite(x: float) -> float | None:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def run_job(config: JobConfig, out_dir: Path, sink: EventSink, control: JobControl,
+            input_mesh: MeshData | None = None, start_stage: str | None = None, start_t: float | None = None,
+            checkpoint_dir: Path | None = None) -> JobResult:
+    """Run the enabled stages, write the asset and the report into ``out_dir``; raises Cancelled when told to stop."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(config.device)
+    plan = _stage_plan(config, start_stage)
+    if not plan:
+        raise ConfigError("every stage is disabled; nothing to run")
+    ctx = JobContext(config, out_dir, sink, control, device, None if checkpoint_dir is None else Path(checkpoint_dir),
+                     input_mesh, start_t, mesh=input_mesh, stage_names=[n for n, _, _ in plan])
+    if config.prior.kind == "reference":
+        from .components import reference_renderer
+
+        ctx.reference = reference_renderer(config, device)  # fail early on a bad --reference file
+    for _name, _attr, runner in plan:
+        control.check()
+        runner(ctx)
+    if ctx.mesh is None:
+        raise MeshError("no stage produced a mesh")
+
+    files: dict[str, str] = {}
+    write_glb(ctx.mesh, out_dir / "model.glb")
+    files["model"] = "model.glb"
+    if config.export.write_obj:
+        for p in write_obj(ctx.mesh, out_dir / "model.obj"):
+            files[p.name] = p.name
+
+    cams = orbit(TURNTABLE_VIEWS, elevation_deg=20.0, distance=1.3, fovy_deg=50.0)
+    rows = [render_asset(ctx.mesh, cams, TURNTABLE_RESOLUTION, device)]
+    if ctx.reference is not None:
+        rows.append(ctx.reference.render(cams, TURNTABLE_RESOLUTION)[0])
+    write_png(_grid(rows), out_dir / "turntable.png")
+    files["turntable"] = "turntable.png"
+    _loss_plot(ctx, out_dir / "loss.png")
+    files["loss"] = "loss.png"
+
+    quality: dict[str, float | None] = {}
+    if ctx.reference is not None:
+        eval_cams = held_out_cameras()
+        ref = ctx.reference.render(eval_cams, EVAL_RESOLUTION)[0]
+        quality["psnr_db"] = _finite(psnr(render_asset(ctx.mesh, eval_cams, EVAL_RESOLUTION, device), ref))
+        quality["chamfer_rel"] = _finite(chamfer_relative(ctx.mesh, ctx.reference.mesh))
+        quality["eval_views"] = len(eval_cams)
+        quality["eval_resolution"] = EVAL_RESOLUTION
+    report = {
+        "prompt": config.prompt,
+        "method": config.method,
+        "prior": config.prior.kind,
+        "device": str(device),
+        "seconds_total": time.perf_counter() - start,
+        "stages": {name: {"seconds": rec.seconds, "steps": len(rec.history),
+                          "metrics": {k: _finite(v) for k, v in rec.metrics.items()}}
+                   for name, rec in ctx.stages.items()},
+        "quality": quality,
+        "mesh": {"vertices": int(len(ctx.mesh.vertices)), "faces": int(len(ctx.mesh.faces)),
+                 "texture_size": list(ctx.mesh.texture.shape[:2]) if ctx.mesh.texture is not None else None},
+        "config": to_dict(config),
+    }
+    files["report"] = "report.json"
+    report["files"] = dict(files)
+    tmp = out_dir / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out_dir / "report.json")
+    return JobResult(files, report)

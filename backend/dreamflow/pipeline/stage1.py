@@ -1,0 +1,174 @@
+"""Stage 1: a NeRF from scratch, distilled from the prior with the configured method (APFO by default).
+
+Events (all with ``stage = "stage1"``, field names as in the wire protocol's schema):
+
+- ``progress`` every step: ``step`` (1-based), ``total``, ``loss``, ``t``, ``elapsed``, ``eta``
+  (seconds), ``stage_index``, ``stage_count``;
+- ``preview`` every ``preview_every`` steps: ``step``; arrays ``{"image": uint8 (H, W, 3)}``;
+- ``mesh`` every ``mesh_every`` steps and once at the end with ``final = True``: ``step``,
+  ``final``; arrays ``MeshData.arrays()`` (vertices, faces, normals, uvs, texture);
+- ``stage_done`` at the end: ``steps``, ``seconds``, ``report`` (metrics, score model used).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from ..export.extract import extract_textured_mesh
+from ..export.mesh import MeshData, MeshError
+from ..methods.loop import Distillation, LoopConfig, Problem, Rendered, StepReport
+from ..methods.registry import build_method
+from ..render.volume import OccupancyGrid, render_cameras
+from ..scene.cameras import Cameras, CameraSampler
+from ..scene.nerf import FieldSettings, NerfField
+from .components import build_score_model, get_prior
+from .config import NerfStageConfig
+from .context import JobContext, ProgressTimer, StageRecord
+from .metrics import held_out_cameras, psnr
+
+STAGE = "stage1"
+#: The view shown in previews: front-right, slightly from above.
+PREVIEW_VIEW = dict(azimuth_deg=30.0, elevation_deg=15.0, distance=1.2, fovy_deg=50.0)
+
+
+def field_settings(cfg: NerfStageConfig) -> FieldSettings:
+    """The NeRF field's shape from the stage settings."""
+    g = cfg.grid
+    return FieldSettings(levels=g.levels, log2_table_size=g.log2_table_size, features_per_level=g.features_per_level,
+                         base_resolution=g.base_resolution, max_resolution=g.max_resolution, mlp_width=cfg.mlp_width,
+                         density_bias_scale=cfg.density_bias_scale, density_bias_radius=cfg.density_bias_radius)
+
+
+class NerfProblem(Problem):
+    """The NeRF as the loop's problem: volume renders of camera batches, three lr groups."""
+
+    def __init__(self, field: NerfField, cfg: NerfStageConfig, device: torch.device, seed: int = 0):
+        self.field = field
+        self.cfg = cfg
+        self.device = device
+        self.occupancy = OccupancyGrid(cfg.occupancy_resolution, cfg.occupancy_threshold, device=device)
+        self.generator = torch.Generator().manual_seed(seed + 17)
+
+    def param_groups(self) -> list[dict]:
+        """Grid, MLP and background groups with the paper's learning rates."""
+        c = self.cfg
+        return [
+            {"params": self.field.grid_parameters(), "lr": c.lr_grid, "name": "grid"},
+            {"params": self.field.mlp_parameters(), "lr": c.lr_mlp, "name": "mlp"},
+            {"params": self.field.background_parameters(), "lr": c.lr_background, "name": "background"},
+        ]
+
+    def render(self, cameras: Cameras | None) -> Rendered:
+        """Training render (stratified jitter) with the weighted orientation loss."""
+        c = self.cfg
+        out = render_cameras(self.field, cameras, c.resolution, c.resolution, c.samples_per_ray, self.occupancy,
+                             perturb=True, generator=self.generator, orientation=c.orientation_weight > 0)
+        reg = c.orientation_weight * out.orientation if c.orientation_weight > 0 else None
+        return Rendered(out.image, out.alpha, reg)
+
+    @torch.no_grad()
+    def render_views(self, cameras: Cameras, resolution: int) -> torch.Tensor:
+        """Deterministic renders for previews, turntables and metrics (B, 3, H, W)."""
+        out = render_cameras(self.field, cameras.to(self.device), resolution, resolution, self.cfg.samples_per_ray,
+                             self.occupancy, perturb=False, chunk=1 << 14)
+        return out.image.clamp(0.0, 1.0)
+
+    def state_dict(self) -> dict:
+        """Field parameters and the occupancy grid."""
+        return {"field": self.field.state_dict(), "occupancy": self.occupancy.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned."""
+        self.field.load_state_dict(state["field"])
+        self.occupancy.load_state_dict(state["occupancy"])
+        self.generator.set_state(state["generator"])
+
+    def after_step(self, index: int) -> None:
+        """Refresh the empty-space grid every ``occupancy_every`` steps."""
+        if (index + 1) % max(1, self.cfg.occupancy_every) == 0:
+            self.occupancy.update(self.field.density, self.generator)
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8."""
+    return (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+def nerf_mesh(ctx: JobContext, field: NerfField, final: bool) -> MeshData:
+    """The NeRF's surface as a textured mesh: full export settings when final, a quick one otherwise."""
+    cfg, ex = ctx.config.stage1, ctx.config.export
+    budget = ex.face_budget if final else min(ex.face_budget, 5000)
+    tex = ex.texture_size if final else min(ex.texture_size, 256)
+    res = cfg.mesh_resolution if final else min(cfg.mesh_resolution, 64)
+    return extract_textured_mesh(field.density, field.albedo, res, cfg.mesh_level, budget, tex, ctx.device)
+
+
+def run_stage1(ctx: JobContext) -> None:
+    """Optimise the NeRF, stream its progress, leave the field and its textured mesh in ``ctx``."""
+    cfg = ctx.config.stage1
+    seed = ctx.config.seed
+    start = time.perf_counter()
+    prior = get_prior(ctx)
+    method_cfg = cfg.method
+    if ctx.start_t is not None:
+        sched = method_cfg.schedule
+        t0 = min(sched.t_start, float(ctx.start_t))
+        method_cfg = replace(method_cfg, schedule=replace(sched, t_start=t0, t_end=min(sched.t_end, t0)))
+    score_model, score_name = build_score_model(ctx, prior, method_cfg, STAGE)
+    method = build_method(method_cfg, seed)
+    field = NerfField(field_settings(cfg), ctx.device, seed=seed)
+    problem = NerfProblem(field, cfg, ctx.device, seed)
+    cond = prior.condition(ctx.config.prompt, ctx.config.negative_prompt, method_cfg.guidance)
+    sampler = CameraSampler(cfg.cameras, seed=seed, device=ctx.device)
+    loop = Distillation(problem, method, prior, score_model, cond, sampler,
+                        LoopConfig(cfg.steps, cfg.views_per_iteration, checkpoint_every=ctx.config.checkpoint_every),
+                        seed=seed)
+    saved = ctx.load_checkpoint(STAGE)
+    if saved is not None:
+        loop.load_state_dict(saved["loop"])
+    total = len(loop.plan)
+    timer = ProgressTimer(total, loop.state.iteration)
+    preview_cam = Cameras.make(device=ctx.device, **PREVIEW_VIEW)
+
+    def on_step(r: StepReport) -> None:
+        step = r.index + 1
+        ctx.emit("progress", {"stage": STAGE, "step": step, "total": total, "loss": r.loss, "t": r.t,
+                              "elapsed": timer.elapsed(), "eta": timer.eta(step), **ctx.stage_position(STAGE)})
+        if cfg.preview_every > 0 and step % cfg.preview_every == 0 and step < total:
+            ctx.emit("preview", {"stage": STAGE, "step": step},
+                     {"image": to_uint8(problem.render_views(preview_cam, cfg.resolution)[0])})
+        if cfg.mesh_every > 0 and step % cfg.mesh_every == 0 and step < total:
+            try:
+                quick = nerf_mesh(ctx, field, final=False)
+            except MeshError as exc:  # an intermediate field may hold no surface yet; the job goes on
+                ctx.emit("log", {"level": "warning", "stage": STAGE, "message": f"no intermediate mesh at step {step}: {exc}"})
+            else:
+                ctx.emit("mesh", {"stage": STAGE, "step": step, "final": False}, quick.arrays())
+
+    def checkpoint(state: dict) -> None:
+        ctx.save_checkpoint(STAGE, {"stage": STAGE, "loop": state})
+
+    history = loop.run(on_step, ctx.control, checkpoint)
+    ctx.save_checkpoint(STAGE, {"stage": STAGE, "loop": loop.state_dict()})
+    ctx.emit("preview", {"stage": STAGE, "step": total},
+             {"image": to_uint8(problem.render_views(preview_cam, cfg.resolution)[0])})
+    mesh = nerf_mesh(ctx, field, final=True)
+    ctx.emit("mesh", {"stage": STAGE, "step": total, "final": True}, mesh.arrays())
+    ctx.mesh = mesh
+    ctx.nerf = field
+    ctx.render_views = problem.render_views
+    metrics: dict[str, float] = {"occupied_fraction": problem.occupancy.occupied_fraction(),
+                                 "faces": float(len(mesh.faces))}
+    if ctx.reference is not None:
+        cams = held_out_cameras()
+        metrics["psnr_db"] = psnr(problem.render_views(cams, cfg.resolution),
+                                  ctx.reference.render(cams, cfg.resolution)[0])
+    seconds = time.perf_counter() - start
+    ctx.stages[STAGE] = StageRecord(seconds, metrics, list(history))
+    ctx.emit("stage_done", {"stage": STAGE, "steps": total, "seconds": seconds,
+                            "report": {"metrics": metrics, "score_model": score_name}})
