@@ -291,6 +291,15 @@ def _apply_event(scene: bpy.types.Scene, job: Any, msg: Any) -> None:
         job.object_name = obj.name
         job.object_id = importer.ensure_object_id(obj)
         job.stage = f["stage"]
+        if job.kind == "refine" and not job.modifiers_off:
+            # The sent mesh had the modifiers applied; the refined result must not get them twice.
+            # Turned off, not removed: the artist can switch them back on.
+            names = [m.name for m in obj.modifiers if m.show_viewport or m.show_render]
+            for m in obj.modifiers:
+                m.show_viewport = m.show_render = False
+            job.modifiers_off = True
+            if names:
+                job.message = f"modifiers {', '.join(names)} were applied before refining and are now off"
         if f.get("final"):
             importer.pack_job_images(obj)
     elif msg.type == "stage_done":

@@ -85,6 +85,8 @@ class DREAMFLOW_PG_job(bpy.types.PropertyGroup):
     loss: FloatProperty(name="Loss", default=0.0)
     message: StringProperty(name="Message")
     preview_image: StringProperty(name="Preview image")
+    modifiers_off: BoolProperty(name="Modifiers turned off", default=False,
+                                description="The refined object's modifiers were baked into the sent mesh and turned off")
 
 
 class DREAMFLOW_PG_settings(bpy.types.PropertyGroup):

@@ -48,8 +48,8 @@ class DREAMFLOW_PT_main(bpy.types.Panel):
         self._draw_connection(layout, state)
 
         col = layout.column()
-        col.prop(s, "prompt", text="", placeholder="Prompt")
-        col.prop(s, "negative_prompt", text="", placeholder="Negative prompt")
+        _text_prop(col, s, "prompt", "Prompt")
+        _text_prop(col, s, "negative_prompt", "Negative prompt")
         row = col.row(align=True)
         row.prop(s, "seed")
         row.prop(s, "method", text="")
@@ -71,7 +71,7 @@ class DREAMFLOW_PT_main(bpy.types.Panel):
                     r.prop(g, "t_end")
                     sub.prop(g, "views_per_t")
                     sub.prop(g, "steps")
-            box.prop(s, "extra_overrides", text="", placeholder="key=value; key=value")
+            _text_prop(box, s, "extra_overrides", "key=value; key=value")
 
         job = live.active_job(context.scene)
         running = job is not None and job.state not in TERMINAL_STATES and job.state != "detached"
@@ -129,6 +129,17 @@ class DREAMFLOW_PT_main(bpy.types.Panel):
         layout.progress(factor=factor, type="BAR", text=text)
         if job.message:
             layout.label(text=job.message[:120])
+
+
+_HAS_PLACEHOLDER = "placeholder" in bpy.types.UILayout.bl_rna.functions["prop"].parameters
+
+
+def _text_prop(layout: bpy.types.UILayout, data: bpy.types.AnyType, name: str, hint: str) -> None:
+    """A text field with a greyed hint where Blender supports one (4.1+), else with its label."""
+    if _HAS_PLACEHOLDER:
+        layout.prop(data, name, text="", placeholder=hint)
+    else:
+        layout.prop(data, name)
 
 
 def _wrap(text: str, width: int) -> list[str]:

@@ -60,7 +60,9 @@ def installed(extension_zip) -> dict:
     add_repo()
     result = bpy.ops.extensions.package_install_files(filepath=str(extension_zip), repo=REPO_MODULE,
                                                       enable_on_install=True)
-    return {"result": result, "enabled": ADDON_MODULE in bpy.context.preferences.addons, "zip": extension_zip}
+    site = os.path.join(_USER_DIR, "extensions", ".local", "lib", "python3.11", "site-packages")
+    return {"result": result, "enabled": ADDON_MODULE in bpy.context.preferences.addons, "zip": extension_zip,
+            "site_packages": sorted(os.listdir(site)) if os.path.isdir(site) else []}
 
 
 @pytest.fixture

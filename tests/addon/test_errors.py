@@ -1,0 +1,159 @@
+"""Malformed messages, a backend that vanishes (and comes back), one that never answers, and the
+online-access rule: each ends as a clear message, never as an exception out of the drain."""
+
+from __future__ import annotations
+
+import threading
+
+import bpy
+import numpy as np
+import pytest
+import zmq
+from conftest import ServerProcess, free_port, point_at, pump
+from dreamflow_protocol import Message, decode, encode
+
+
+class MisbehavingServer:
+    """A ROUTER that answers the handshake properly, then streams a job of bad messages."""
+
+    JOB = "b" * 32
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _send(self, peer: bytes, msg: Message, validate: bool = True) -> None:
+        self.sock.send_multipart([peer, *encode(msg, validate=validate)])
+
+    def _bad_job(self, peer: bytes) -> None:
+        verts = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]], np.float32)
+        degenerate = np.array([[0, 1, 2], [1, 1, 3]], np.int32)   # passes the protocol, not Blender
+        self._send(peer, Message("mesh", {"stage": "stage1", "step": 1, "final": False},
+                                 {"vertices": verts, "faces": degenerate}, job=self.JOB, seq=0))
+        self.sock.send_multipart([peer, b"\x93not a header", b"junk"])  # undecodable
+        self._send(peer, Message("progress", {"stage": "stage1", "step": "two", "total": 5}, job=self.JOB, seq=1),
+                   validate=False)                                       # a field of the wrong type
+        self._send(peer, Message("progress", {"stage": "stage1", "step": 2, "total": 5}, job=self.JOB, seq=1))
+        self._send(peer, Message("error", {"message": "CUDA out of memory", "code": "job_failed"}, job=self.JOB, seq=2))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.sock.poll(50):
+                continue
+            peer, *frames = self.sock.recv_multipart()
+            msg = decode(frames)
+            if msg.type == "ping":
+                self._send(peer, msg.reply("pong", {"server_time": 0.0, "server_id": "misbehaving"}))
+            elif msg.type == "hello":
+                self._send(peer, msg.reply("capabilities", {
+                    "protocol": 1, "server_version": "test", "server_id": "misbehaving", "device": "none",
+                    "accelerators": {}, "presets": ["smoke"], "methods": ["apfo"], "start_stages": [], "limits": {},
+                    "max_queue": 1, "auth": "none"}))
+            elif msg.type == "submit":
+                self._send(peer, msg.reply("accepted", {"position": 0, "state": "queued"}, job=self.JOB))
+                self._bad_job(peer)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def test_malformed_messages_and_backend_errors_become_messages(addon):
+    bad = MisbehavingServer()
+    try:
+        point_at(bad.endpoint)
+        s = bpy.context.scene.dreamflow
+        s.prompt = "anything"
+        assert bpy.ops.dreamflow.generate() == {"FINISHED"}
+        job = s.jobs[0]
+        pump(addon, lambda: job.state == "failed")
+        state = bpy.context.window_manager.dreamflow
+        assert "CUDA out of memory" in job.message and "CUDA out of memory" in state.last_error
+        assert job.step == 2                           # the good progress between the bad ones arrived
+        # The degenerate mesh built nothing: no object, no stray mesh datablock.
+        assert len(bpy.data.objects) == 0 and len(bpy.data.meshes) == 0
+        # The two undecodable messages were reported (the panel shows the last error; the console all).
+        assert len(addon.live.get_session().client.dropped) == 2
+    finally:
+        addon.live.close_session()
+        bad.close()
+
+
+def test_malformed_message_is_reported_in_the_panel(addon, capsys):
+    bad = MisbehavingServer()
+    try:
+        point_at(bad.endpoint)
+        s = bpy.context.scene.dreamflow
+        s.prompt = "anything"
+        bpy.ops.dreamflow.generate()
+        pump(addon, lambda: len(s.jobs) and s.jobs[0].state == "failed")
+        out = capsys.readouterr().out
+        assert "malformed message" in out and "could not apply its mesh message" in out
+        assert "repeat a vertex" in out
+    finally:
+        addon.live.close_session()
+        bad.close()
+
+
+def test_vanished_backend_is_reported_and_the_job_resumes_when_it_returns(addon, tmp_path):
+    first = ServerProcess(tmp_path / "store").start()
+    second = ServerProcess(tmp_path / "store", port=first.port)
+    try:
+        point_at(first.endpoint)
+        s = bpy.context.scene.dreamflow
+        s.prompt = "outlive the server"
+        s.preset = "smoke"
+        s.extra_overrides = "stage1.steps=30"
+        bpy.ops.dreamflow.generate()
+        job = s.jobs[0]
+        pump(addon, lambda: job.step >= 3)
+        first.kill()
+        state = bpy.context.window_manager.dreamflow
+        pump(addon, lambda: state.connection == "LOST", timeout=10)
+        assert "Lost the connection" in state.connection_message
+        for _ in range(20):
+            assert addon.live.drain_and_apply(bpy.context.scene) == 0   # nothing arrives, nothing raises
+        seen = job.last_seq
+        # The backend comes back on the same address with the same job store: the job resumes and
+        # the client resubscribes from the last sequence number this file saw.
+        second.start()
+        pump(addon, lambda: job.state == "done", timeout=40)
+        assert job.last_seq > seen
+        assert state.connection == "CONNECTED"
+        assert [o for o in bpy.data.objects if o.get("dreamflow_job") == job.job_id][0].data["dreamflow_step"] == 30
+    finally:
+        addon.live.close_session()
+        first.kill()
+        second.kill()
+
+
+def test_unreachable_backend_fails_the_job_with_a_clear_message(addon):
+    point_at(f"tcp://127.0.0.1:{free_port()}")
+    bpy.context.preferences.addons[addon.__name__].preferences.timeout = 0.5
+    s = bpy.context.scene.dreamflow
+    s.prompt = "nobody listens"
+    assert bpy.ops.dreamflow.generate() == {"FINISHED"}   # returns at once; the outcome comes later
+    job = s.jobs[0]
+    pump(addon, lambda: job.state == "failed", timeout=10)
+    state = bpy.context.window_manager.dreamflow
+    assert "no DreamFlow server answered" in job.message
+    assert state.connection == "UNREACHABLE" and "dreamflow serve" in state.connection_message
+
+
+def test_remote_backend_needs_online_access(addon):
+    assert bpy.app.online_access is False                 # the bpy module's default
+    point_at("tcp://10.20.30.40:5555")
+    bpy.context.scene.dreamflow.prompt = "remote"
+    # An operator's ERROR report reaches a Python caller as RuntimeError (in the UI: the status bar).
+    with pytest.raises(RuntimeError, match="online access is off"):
+        bpy.ops.dreamflow.generate()
+    state = bpy.context.window_manager.dreamflow
+    assert "online access" in state.connection_message
+    assert len(bpy.context.scene.dreamflow.jobs) == 0
