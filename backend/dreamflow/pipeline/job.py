@@ -34,12 +34,17 @@ from .config import JobConfig
 from .context import JobContext
 from .metrics import chamfer_relative, held_out_cameras, psnr
 from .stage1 import run_stage1
+from .stage2 import output_mesh, run_geometry_stage, run_texture_stage
+from .stage3 import run_refine_stage
 
 StageRunner = Callable[[JobContext], None]
 
 #: The pipeline: (stage name, JobConfig attribute holding its settings, runner), in order.
 STAGES: list[tuple[str, str, StageRunner]] = [
     ("stage1", "stage1", run_stage1),
+    ("geometry", "geometry", run_geometry_stage),
+    ("texture", "texture", run_texture_stage),
+    ("refine", "refine", run_refine_stage),
 ]
 
 TURNTABLE_VIEWS = 8
@@ -129,6 +134,10 @@ def run_job(config: JobConfig, out_dir: Path, sink: EventSink, control: JobContr
         from .components import reference_renderer
 
         ctx.reference = reference_renderer(config, device)  # fail early on a bad --reference file
+    if start_stage is not None and start_stage != "stage1":
+        from .refine_input import prepare_input
+
+        prepare_input(ctx, start_stage)  # checked, moved into the object box; MeshError otherwise
     for _name, _attr, runner in plan:
         control.check()
         runner(ctx)
@@ -136,10 +145,10 @@ def run_job(config: JobConfig, out_dir: Path, sink: EventSink, control: JobContr
         raise MeshError("no stage produced a mesh")
 
     files: dict[str, str] = {}
-    write_glb(ctx.mesh, out_dir / "model.glb")
+    write_glb(output_mesh(ctx, ctx.mesh), out_dir / "model.glb")
     files["model"] = "model.glb"
     if config.export.write_obj:
-        for p in write_obj(ctx.mesh, out_dir / "model.obj"):
+        for p in write_obj(output_mesh(ctx, ctx.mesh), out_dir / "model.obj"):
             files[p.name] = p.name
 
     cams = orbit(TURNTABLE_VIEWS, elevation_deg=20.0, distance=1.3, fovy_deg=50.0)

@@ -43,6 +43,11 @@ from ..scene.cameras import Cameras
 
 Backend = Literal["auto", "torch", "nvdiffrast"]
 
+#: Background of normal-map renders (stage 2a and the reference prior's normal maps). Mid grey is
+#: "no normal" and differs by at least 0.29 in some channel from every normal colour, so
+#: silhouettes always have contrast.
+NORMAL_BACKGROUND = 0.5
+
 #: (triangle, pixel) pairs handled at once by the pure-PyTorch coverage pass.
 _CHUNK_PAIRS = 1 << 22
 _W_EPS = 1e-8

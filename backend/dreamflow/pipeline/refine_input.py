@@ -1,0 +1,128 @@
+"""Refining a given mesh: the artist's edited mesh from Blender, or any mesh file in headless use.
+
+A job may carry an input mesh and start at ``geometry`` (2a: DMTet remeshes it), ``texture`` (2b)
+or ``refine`` (3), optionally with ``start_t`` (a lower starting time stays closer to the input).
+Texture-only and stage-3 refinement never remesh: the result has the input's faces and vertex
+positions (an input with UVs keeps its layout; one without is unwrapped, which only duplicates
+vertices along UV seams). This module checks the input with clear errors and moves it into the
+object box the cameras look at, and back out again for every mesh the job sends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..export.mesh import MeshData, MeshError
+from ..scene.texture_field import TextureField
+
+START_STAGES = ("geometry", "texture", "refine")
+#: Inputs already inside the object box [-0.5, 0.5]^3 are used as they are; larger ones are scaled
+#: to this extent (the reference object's size), centred on their bounding box.
+BOX_HALF = 0.5
+FIT_EXTENT = 0.8
+
+
+def validate_input_mesh(mesh: MeshData | None, start_stage: str | None) -> MeshData:
+    """A canonical (float32/int32) copy of a usable input mesh, or MeshError saying what is wrong."""
+    if mesh is None:
+        raise MeshError(f"start stage {start_stage!r} needs an input mesh (vertices and faces)")
+    if start_stage is not None and start_stage not in START_STAGES:
+        raise MeshError(f"an input mesh can start at {', '.join(START_STAGES)}; got {start_stage!r}")
+    v = np.asarray(mesh.vertices)
+    f = np.asarray(mesh.faces)
+    if v.size == 0 or f.size == 0:
+        raise MeshError(f"input mesh is empty ({len(v)} vertices, {len(f)} faces)")
+    if v.ndim == 2 and v.shape[1] == 3 and np.issubdtype(v.dtype, np.number) and not np.isfinite(v).all():
+        bad = np.nonzero(~np.isfinite(v).all(axis=1))[0]
+        raise MeshError(f"input mesh has {len(bad)} vertices with NaN or infinite coordinates (first: vertex {int(bad[0])})")
+    if f.ndim == 2 and f.shape[1] == 3 and np.issubdtype(f.dtype, np.integer):
+        out = (f < 0) | (f >= len(v))
+        if out.any():
+            face = int(np.nonzero(out.any(axis=1))[0][0])
+            raise MeshError(f"input mesh has {int(out.any(axis=1).sum())} faces with vertex indices outside "
+                            f"[0, {len(v) - 1}] (first: face {face} = {f[face].tolist()})")
+    checked = MeshData(v, f, mesh.normals, mesh.uvs, mesh.texture).validate(require_manifold=start_stage == "geometry")
+    m = checked.as_float32()
+    degenerate = (m.faces[:, 0] == m.faces[:, 1]) | (m.faces[:, 1] == m.faces[:, 2]) | (m.faces[:, 0] == m.faces[:, 2])
+    if degenerate.any():
+        raise MeshError(f"input mesh has {int(degenerate.sum())} degenerate faces that repeat a vertex "
+                        f"(first: face {int(np.nonzero(degenerate)[0][0])})")
+    if (m.uvs is None) != (m.texture is None) and m.texture is not None:
+        raise MeshError("input mesh has a texture but no UVs to map it")
+    return m
+
+
+@dataclass(frozen=True)
+class InputFrame:
+    """The similarity that puts the input into the object box: ``box = (v - centre) * scale``."""
+
+    centre: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    scale: float = 1.0
+
+    @classmethod
+    def fit(cls, vertices: np.ndarray) -> "InputFrame":
+        """Identity for meshes inside the box; otherwise centre and scale them to FIT_EXTENT."""
+        if np.abs(vertices).max() <= BOX_HALF:
+            return cls()
+        lo, hi = vertices.min(0).astype(np.float64), vertices.max(0).astype(np.float64)
+        extent = float((hi - lo).max())
+        return cls(tuple(((lo + hi) * 0.5).tolist()), FIT_EXTENT / max(extent, 1e-12))
+
+    @property
+    def identity(self) -> bool:
+        """True when no change of coordinates is needed."""
+        return self.scale == 1.0 and self.centre == (0.0, 0.0, 0.0)
+
+    def to_box(self, mesh: MeshData) -> MeshData:
+        """The mesh in box coordinates (normals unchanged by a similarity)."""
+        if self.identity:
+            return mesh
+        v = ((mesh.vertices.astype(np.float64) - np.array(self.centre)) * self.scale).astype(np.float32)
+        return MeshData(v, mesh.faces, mesh.normals, mesh.uvs, mesh.texture)
+
+    def from_box(self, mesh: MeshData) -> MeshData:
+        """A result mesh back in the input's coordinates."""
+        if self.identity:
+            return mesh
+        v = (mesh.vertices.astype(np.float64) / self.scale + np.array(self.centre)).astype(np.float32)
+        return MeshData(v, mesh.faces, mesh.normals, mesh.uvs, mesh.texture)
+
+
+def surface_colours(mesh: MeshData, count: int = 50_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Points drawn by area on a textured mesh and the texture's colours there (bilinear), in [0, 1]."""
+    from ..render.raster import sample_texture
+
+    v = mesh.vertices.astype(np.float64)
+    f = mesh.faces.astype(np.int64)
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1)
+    rng = np.random.default_rng(seed)
+    tri = rng.choice(len(f), size=count, p=area / area.sum())
+    r1, r2 = rng.random(count), rng.random(count)
+    s = np.sqrt(r1)
+    w = np.stack([1 - s, s * (1 - r2), s * r2], axis=1)
+    pts = np.einsum("nk,nkd->nd", w, v[f[tri]])
+    uv = np.einsum("nk,nkd->nd", w, mesh.uvs.astype(np.float64)[f[tri]])
+    tex = torch.as_tensor(mesh.texture[..., :3]).float() / 255.0
+    cols = sample_texture(tex, torch.as_tensor(uv, dtype=torch.float32)).numpy()
+    return pts.astype(np.float32), cols.astype(np.float32)
+
+
+def fit_field_to_texture(field: TextureField, mesh: MeshData, steps: int = 300, seed: int = 0) -> float:
+    """Start a colour field from a textured input mesh (regression on surface samples); final MSE."""
+    pts, cols = surface_colours(mesh, seed=seed)
+    dev = next(field.parameters()).device
+    return field.fit(torch.as_tensor(pts, device=dev), torch.as_tensor(cols, device=dev), steps=steps, seed=seed)
+
+
+def prepare_input(ctx, start_stage: str) -> None:
+    """Check the job's input mesh and put it, in box coordinates, where the mesh stages look for it."""
+    mesh = validate_input_mesh(ctx.input_mesh, start_stage)
+    frame = InputFrame.fit(mesh.vertices)
+    if not frame.identity:
+        ctx.cache["input_frame"] = frame
+    ctx.cache["input_box"] = frame.to_box(mesh)
+    ctx.mesh = ctx.cache["input_box"]
