@@ -213,3 +213,32 @@ def test_binding_beyond_loopback_needs_keys(tmp_path):
         Server(tmp_path / "s", "tcp://0.0.0.0:5555")
     with pytest.raises(ServerConfigError, match="needs authentication"):
         Server(tmp_path / "s", "tcp://*:5555")
+
+
+def test_sink_cleans_pipeline_events_and_reports_what_it_drops(tmp_path):
+    from dreamflow.server import JobSink, JobStore
+
+    store = JobStore(tmp_path / "s")
+    job = store.create({"prompt": "p", "object_id": "Obj"}, {})
+    published = []
+    sink = JobSink(job, lambda j, m: published.append(m))
+    sink.emit("progress", {"stage": "stage1", "step": np.int64(2), "total": 5, "loss": float("nan"), "elapsed": float("inf"),
+                           "colour": "red"})
+    sink.emit("stage_done", {"stage": "stage1", "report": {"psnr": float("inf"), "n": np.float32(1.5)}})
+    sink.emit("mesh", {"stage": "stage1", "step": 1}, {k: v.astype(np.float64) if k != "faces" else v.astype(np.int64)
+                                                       for k, v in cube_mesh().items() if k != "texture"})
+    sink.emit("preview", {"stage": "stage1", "step": 1}, {"rgb": np.ones((4, 4, 3), np.float32)})
+    sink.emit("teleport", {})
+    kinds = [(m.type, m.seq) for m in published]
+    assert [k for k, _ in kinds] == ["log", "progress", "stage_done", "mesh", "preview", "log"]
+    assert [s for _, s in kinds] == list(range(6))
+    progress = published[1].fields
+    assert progress["loss"] is None and "elapsed" not in progress and progress["step"] == 2
+    assert "no field 'colour'" in published[0].fields["message"]
+    assert published[2].fields["report"] == {"psnr": None, "n": 1.5}
+    mesh = published[3]
+    assert mesh.fields["object_id"] == "Obj" and mesh.arrays["vertices"].dtype == np.float32
+    assert mesh.arrays["faces"].dtype == np.int32
+    assert published[4].arrays["image"].dtype == np.uint8 and published[4].arrays["image"].max() == 255
+    assert "unknown event kind 'teleport'" in published[5].fields["message"]
+    assert job.read_event(3).fields == mesh.fields  # what was published is what was stored

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Protocol
 import numpy as np
 
 from dreamflow_protocol import Message, ProtocolError, validate_message
-from dreamflow_protocol.schema import SCHEMAS
+from dreamflow_protocol.schema import SCHEMAS, Nullable
 
 from ..events import Cancelled, JobControl
 from .store import JobRecord, JobStore, StoreError
@@ -63,6 +63,17 @@ class JobSink:
         for key in dropped:
             del fields[key]
             self._warn(f"{kind}.{key}", f"{kind} events carry no field {key!r}; dropped")
+        for key, value in list(fields.items()):
+            if key == "report":
+                fields[key] = _plain(value)
+            elif isinstance(value, (float, np.floating)) and not np.isfinite(value):
+                # NaN/inf loss or ETA: sent as null where the schema allows it, else left out.
+                if isinstance(schema.fields[key][0], Nullable):
+                    fields[key] = None
+                else:
+                    del fields[key]
+            elif isinstance(value, np.generic):
+                fields[key] = value.item()
         if kind == "mesh":
             fields.setdefault("final", False)
             fields["object_id"] = self.job.spec.get("object_id")
@@ -76,7 +87,8 @@ class JobSink:
             validate_message(msg)
         except ProtocolError as exc:
             # A malformed preview must not end an hours-long job: report it and go on.
-            self._warn(f"bad:{kind}:{exc}", f"dropped a {kind} event the protocol refuses: {exc}")
+            log.debug("job %s: dropped a %s event: %s", self.job.job_id, kind, exc)
+            self._warn(f"bad:{kind}", f"dropped a {kind} event the protocol refuses (reported once per kind): {exc}")
             return
         if kind == "progress":
             self.job.update(stage=fields["stage"], step=fields["step"], total=fields["total"], eta=fields.get("eta"))
