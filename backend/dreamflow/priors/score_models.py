@@ -105,6 +105,8 @@ class LoraScoreModel(ScoreModel):
         self.base = phi_base if phi_base is not None else prior
         self.adapter_name = adapter_name
         unet = self.base.unet
+        if adapter_name in (getattr(unet, "peft_config", None) or {}):
+            unet.delete_adapters(adapter_name)  # a new job on a cached prior starts a fresh adapter
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=adapter_name)
         self.lora_params = {n: p for n, p in unet.named_parameters() if f".{adapter_name}." in n}
