@@ -388,7 +388,7 @@ SCHEMAS: dict[str, MessageSchema] = {
     # status with a job: that job's summary; without: the server's summary.
     "status": MessageSchema(job="optional"),
     "status_reply": MessageSchema(job="optional", fields={"job_status": _opt(JOB_SUMMARY), "server": _opt(JOB_SUMMARY)}),
-    "list_jobs": MessageSchema(fields={"limit": _opt(Int(1, 1000)), "state": _opt(Str(16, choices=JOB_STATES))}),
+    "list_jobs": MessageSchema(fields={"limit": _opt(Int(1, 200)), "state": _opt(Str(16, choices=JOB_STATES))}),
     "jobs": MessageSchema(fields={"jobs": _req(ListOf(JOB_SUMMARY, 1000))}),
     # Replay the job's events from sequence number from_seq, then stream it live.
     "subscribe": MessageSchema(job="required", fields={"from_seq": _opt(Int(0, 2**53))}),

@@ -12,7 +12,7 @@ import pytest
 from conftest import collect
 from runners import StepRunner, cube_mesh
 
-from dreamflow.server import JobStore, Server, ServerConfigError
+from dreamflow.server import JobStore, Server, ServerConfigError, is_loopback
 from dreamflow_protocol import ProtocolError, RequestError, ServerBusy
 
 
@@ -242,3 +242,11 @@ def test_sink_cleans_pipeline_events_and_reports_what_it_drops(tmp_path):
     assert published[4].arrays["image"].dtype == np.uint8 and published[4].arrays["image"].max() == 255
     assert "unknown event kind 'teleport'" in published[5].fields["message"]
     assert job.read_event(3).fields == mesh.fields  # what was published is what was stored
+
+
+@pytest.mark.parametrize("endpoint, local", [
+    ("tcp://127.0.0.1:5555", True), ("tcp://localhost:5555", True), ("tcp://[::1]:5555", True), ("tcp://127.0.0.1:*", True),
+    ("ipc:///tmp/dreamflow.sock", True), ("tcp://0.0.0.0:5555", False), ("tcp://*:5555", False),
+    ("tcp://192.168.1.20:5555", False), ("tcp://eth0:5555", False), ("udp://127.0.0.1:5555", False)])
+def test_which_endpoints_count_as_loopback(endpoint, local):
+    assert is_loopback(endpoint) is local
