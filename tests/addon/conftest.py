@@ -136,3 +136,22 @@ def pump(module, until, timeout: float = 20.0, scene=None) -> None:
         time.sleep(0.02)
     raise AssertionError(f"condition not reached within {timeout} s; last error: "
                          f"{bpy.context.window_manager.dreamflow.last_error!r}")
+
+
+@pytest.fixture(scope="session")
+def real_server(tmp_path_factory):
+    """`dreamflow serve` itself (the real pipeline) on a free loopback port."""
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    exe = Path(PYTHON).with_name("dreamflow")
+    proc = subprocess.Popen([str(exe), "serve", "--bind", endpoint, "--store", str(tmp_path_factory.mktemp("real-store"))],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        from dreamflow_protocol import Client
+
+        with Client(endpoint, timeout=60) as client:
+            assert client.capabilities["protocol"] == 1
+        yield endpoint
+    finally:
+        proc.kill()
+        proc.wait(10)
