@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prior", choices=("sd", "gmm"), default="gmm")
     p.add_argument("--method", choices=METHOD_NAMES, default="apfo")
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--views-per-t", type=int, default=5, help="APFO/FSD: updates per timestep (the paper's l)")
     p.add_argument("--particles", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (images, report.json, loss.png)")
@@ -41,7 +42,7 @@ def cmd_image(args: argparse.Namespace) -> int:
     from ..priors.latent_diffusion import PriorLoadError
 
     kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, prior=args.prior, method=args.method,
-                  steps=args.steps, particles=args.particles, seed=args.seed, guidance=args.guidance,
+                  steps=args.steps, views_per_t=args.views_per_t, particles=args.particles, seed=args.seed, guidance=args.guidance,
                   optimiser=args.optimiser, lr=args.lr, gmm_size=args.size, gmm_modes=args.modes,
                   phi_model=args.phi_model, resolution=args.resolution, device=args.device,
                   local_files_only=args.offline)

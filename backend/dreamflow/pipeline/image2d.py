@@ -85,9 +85,11 @@ class InPriorSpace(Prior):
         return self.inner.denoise(x_noisy, sigma, cond, cameras, guidance)
 
 
-#: The 2D stage: APFO from pure noise level to the smallest one, one particle update per timestep
-#: (DreamFlow Fig. 14 uses 1.0 -> 0.0); the baselines derive from it (method_defaults).
-IMAGE2D_STAGE = MethodConfig(schedule=TimestepSchedule("decreasing", 1.0, 0.0, 1), score_model="exact")
+#: The 2D stage: APFO from the largest noise level to the smallest (DreamFlow Fig. 14 uses
+#: 1.0 -> 0.0); the baselines derive from it (method_defaults). ``views_per_t`` of the run config
+#: sets the updates per timestep (bench/distill_2d.py: one per timestep collapses modes on long
+#: dense schedules; five, stage 1's value, does not).
+IMAGE2D_STAGE = MethodConfig(schedule=TimestepSchedule("decreasing", 1.0, 0.0, 5), score_model="exact")
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class Image2DConfig:
     prior: Literal["gmm", "sd"] = "gmm"
     method: Literal["apfo", "vsd", "sds", "fsd"] = "apfo"
     steps: int = 200
+    views_per_t: int = 5                   # APFO/FSD: updates per timestep (the paper's l)
     particles: int = 4
     seed: int = 0
     guidance: float | None = None          # None: the method's default (diffusers form)
@@ -123,7 +126,8 @@ class Image2DConfig:
 
 def method_config(cfg: Image2DConfig) -> MethodConfig:
     """The method settings for a 2D run (the stage's APFO settings, or a baseline's defaults)."""
-    stage = IMAGE2D_STAGE if cfg.prior == "gmm" else replace(IMAGE2D_STAGE, score_model="lora")
+    stage = replace(IMAGE2D_STAGE, schedule=replace(IMAGE2D_STAGE.schedule, views_per_t=cfg.views_per_t),
+                    score_model="exact" if cfg.prior == "gmm" else "lora")
     mcfg = method_defaults(cfg.method, stage)
     if cfg.guidance is not None:
         mcfg = replace(mcfg, guidance=float(cfg.guidance))
@@ -179,7 +183,7 @@ def gmm_metrics(prior: Any, x: torch.Tensor) -> dict[str, Any]:
 
 
 def _grid(images: torch.Tensor) -> np.ndarray:
-    """(P, 3, H, W) in [0, 1] -> one uint8 HxW*P... grid image (rows of up to 8)."""
+    """(P, 3, H, W) in [0, 1] -> one uint8 grid image, rows of up to 8 with a white border."""
     p, _, h, w = images.shape
     cols = min(p, 8)
     rows = math.ceil(p / cols)
@@ -190,30 +194,21 @@ def _grid(images: torch.Tensor) -> np.ndarray:
     return (canvas.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def run_image2d(cfg: Image2DConfig, out_dir: str | Path, sink: EventSink | None = None,
-                control: JobControl | None = None, prior: Prior | None = None) -> dict[str, Any]:
-    """Run one 2D distillation; write images, ``report.json`` and ``loss.png``; return the report."""
-    from PIL import Image
-
-    from ..accel import pick_device
-
+def optimise_particles(cfg: Image2DConfig, prior: Prior, sink: EventSink | None = None,
+                       control: JobControl | None = None) -> tuple[torch.Tensor, list[StepReport], MethodConfig]:
+    """Run the method on P particles against ``prior``; (final particles, history, method settings)."""
     sink = sink or NullSink()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
     start = time.perf_counter()
-    prior = prior if prior is not None else build_prior(cfg, device)
+    device = prior.device if isinstance(getattr(prior, "device", None), torch.device) else torch.device("cpu")
     mcfg = method_config(cfg)
     method = build_method(mcfg, seed=cfg.seed)
     score_model = build_score_model(mcfg.score_model, prior, cfg, device)
     cond = prior.condition(cfg.prompt, cfg.negative_prompt, mcfg.guidance)
     g = torch.Generator().manual_seed(cfg.seed)
     if cfg.prior == "gmm":
-        shape = (3, cfg.gmm_size, cfg.gmm_size)
-        mean = 0.5
+        shape, mean = (3, cfg.gmm_size, cfg.gmm_size), 0.5
     else:
-        shape = (4, cfg.resolution // 8, cfg.resolution // 8)
-        mean = 0.0
+        shape, mean = (4, cfg.resolution // 8, cfg.resolution // 8), 0.0
     init = mean + cfg.init_std * torch.randn(cfg.particles, *shape, generator=g)
     lr = cfg.lr if cfg.lr is not None else (float(cfg.particles) if cfg.optimiser == "sgd" else 0.03)
     problem = ParticleProblem(init.to(device), lr)
@@ -225,7 +220,21 @@ def run_image2d(cfg: Image2DConfig, out_dir: str | Path, sink: EventSink | None 
                                "t": r.t, "elapsed": time.perf_counter() - start})
 
     history = loop.run(on_step=on_step, control=control)
-    particles = problem.particles.detach()
+    return problem.particles.detach(), history, mcfg
+
+
+def run_image2d(cfg: Image2DConfig, out_dir: str | Path, sink: EventSink | None = None,
+                control: JobControl | None = None, prior: Prior | None = None) -> dict[str, Any]:
+    """Run one 2D distillation; write images, ``report.json`` and ``loss.png``; return the report."""
+    from PIL import Image
+
+    from ..accel import pick_device
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    prior = prior if prior is not None else build_prior(cfg, pick_device(cfg.device))
+    particles, history, mcfg = optimise_particles(cfg, prior, sink, control)
     with torch.no_grad():
         images = prior.decode(particles).float().cpu().clamp(0, 1)
     files = ["particles.png"]
@@ -238,7 +247,8 @@ def run_image2d(cfg: Image2DConfig, out_dir: str | Path, sink: EventSink | None 
     files.append("loss.png")
     report: dict[str, Any] = {
         "config": to_dict(cfg), "method": to_dict(mcfg), "seconds": time.perf_counter() - start,
-        "steps": len(history), "timesteps": method.schedule.timesteps(cfg.steps) if method.schedule.kind == "decreasing" else None,
+        "steps": len(history),
+        "timesteps": mcfg.schedule.timesteps(cfg.steps) if mcfg.schedule.kind == "decreasing" else None,
         "history": [vars(r) for r in history], "files": files + ["report.json"],
     }
     if cfg.prior == "gmm":
