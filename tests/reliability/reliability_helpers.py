@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import zmq
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from dreamflow_protocol import PROTOCOL_VERSION, Message, decode, encode, new_id
@@ -95,6 +96,13 @@ def pack(h: Any) -> bytes:
 
 
 # ------------------------------------------------------------------------------ mutations
+
+def fuzz(n: int) -> settings:
+    """Reproducible settings: derandomised, no deadline (the machine is shared), no example database."""
+    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+
+
 
 @st.composite
 def mutated_frames(draw: st.DrawFn, seeds: list[list[bytes]] = SAMPLE_FRAMES) -> list[bytes]:

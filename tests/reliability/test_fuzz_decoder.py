@@ -15,9 +15,9 @@ from typing import Any, Callable
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from reliability_helpers import JOB, SAMPLE_FRAMES, cube_arrays, header, mutated_frames, pack
+from reliability_helpers import JOB, SAMPLE_FRAMES, cube_arrays, fuzz, header, mutated_frames, pack
 
 from dreamflow_protocol import DEFAULT_LIMITS, PROTOCOL_VERSION, SCHEMAS, Message, ProtocolError, decode, encode, validate_message
 from dreamflow_protocol.schema import DTYPES
@@ -26,12 +26,6 @@ from dreamflow_protocol.schema import DTYPES
 CASES = {"random": 3500, "mutated": 5000, "structured": 1000, "buffers": 500, "version": 150, "unknown_field": 150,
          "nan_mesh": 150, "job_id": 150}
 ERROR_CODES = {"bad_header", "bad_version", "unknown_type", "bad_field", "bad_buffers", "bad_dtype", "too_large", "bad_message"}
-
-
-def fuzz(n: int) -> settings:
-    """Reproducible settings: derandomised, no deadline (the machine is shared), no example database."""
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
 
 def fuzz_test(kind: str, *strategies: st.SearchStrategy, at_least: int | None = None) -> Callable:
