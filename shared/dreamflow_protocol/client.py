@@ -69,7 +69,8 @@ class Client:
         self.capabilities: dict[str, Any] | None = None
         self._keys = keys
         self._context = context or zmq.Context.instance()
-        self._outbox: queue.Queue[tuple[list[Any], Message]] = queue.Queue()
+        self._outbox: queue.Queue[tuple[list[Any], Message, float]] = queue.Queue()
+        self._unsent: list[tuple[list[Any], Message, float]] = []  # I/O thread only: waiting for a connection
         self._events: queue.Queue[Message] = queue.Queue()
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
@@ -131,7 +132,7 @@ class Client:
         pending = _Pending(subscribe_on_accept=msg.type == "submit" and msg.fields.get("subscribe", True))
         with self._lock:
             self._pending[msg.id] = pending
-        self._outbox.put((frames, msg))
+        self._outbox.put((frames, msg, time.monotonic() + timeout))
         self._bell.ring()
         try:
             if not pending.done.wait(timeout):
@@ -238,6 +239,10 @@ class Client:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        # Queue nothing for a server that is not there: a request that timed out must not be
+        # delivered later to a server started meanwhile (a ghost job); unsent requests are
+        # retried by the I/O thread until their own deadline instead.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes + self.limits.max_header_bytes)
         ivl = max(100, int(self.heartbeat * 1000))
         sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
@@ -258,7 +263,7 @@ class Client:
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
-                wait = max(0.0, min(last_ping + self.heartbeat - now, 0.5))
+                wait = max(0.0, min(last_ping + self.heartbeat - now, 0.02 if self._unsent else 0.5))
                 ready = dict(poller.poll(int(wait * 1000)))
                 if self._bell.fileno() in ready:
                     self._bell.drain()
@@ -280,22 +285,33 @@ class Client:
         finally:
             sock.close(linger=0)
 
-    def _send(self, sock: zmq.Socket, msg: Message, frames: list[Any] | None = None) -> None:
+    def _send(self, sock: zmq.Socket, msg: Message, frames: list[Any] | None = None, deadline: float | None = None) -> None:
+        """Send now, or keep the message for retries until ``deadline`` while there is no connection."""
+        if deadline is not None and time.monotonic() >= deadline:
+            return  # its caller has given up: never deliver it late
+        frames = frames if frames is not None else encode(msg, self.limits)
+        try:
+            sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            if deadline is None:
+                deadline = time.monotonic() + (self.timeout if msg.type == "subscribe" else 0.0)
+            if time.monotonic() < deadline:
+                self._unsent.append((frames, msg, deadline))
+            return  # else dropped: a heartbeat, or a request whose caller has already timed out
         if msg.type == "subscribe":
             with self._lock:
                 self._subs[str(msg.job)] = msg.fields.get("from_seq", 0) - 1
-        try:
-            sock.send_multipart(frames if frames is not None else encode(msg, self.limits), copy=False, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # send queue full while the server is away: the request's own timeout reports it
 
     def _flush_outbox(self, sock: zmq.Socket) -> None:
+        retry, self._unsent = self._unsent, []
+        for frames, msg, deadline in retry:
+            self._send(sock, msg, frames, deadline)
         while True:
             try:
-                frames, msg = self._outbox.get_nowait()
+                frames, msg, deadline = self._outbox.get_nowait()
             except queue.Empty:
                 return
-            self._send(sock, msg, frames)
+            self._send(sock, msg, frames, deadline)
 
     def _resubscribe(self, sock: zmq.Socket, jobs: list[str] | None = None) -> None:
         with self._lock:

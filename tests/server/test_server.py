@@ -13,7 +13,7 @@ from conftest import collect
 from runners import StepRunner, cube_mesh
 
 from dreamflow.server import JobStore, Server, ServerConfigError, is_loopback
-from dreamflow_protocol import ProtocolError, RequestError, ServerBusy
+from dreamflow_protocol import ConnectionTimeout, ProtocolError, RequestError, ServerBusy
 
 
 def test_submit_streams_every_event_in_order_and_results_can_be_fetched(make_server, make_client):
@@ -250,3 +250,20 @@ def test_sink_cleans_pipeline_events_and_reports_what_it_drops(tmp_path):
     ("tcp://192.168.1.20:5555", False), ("tcp://eth0:5555", False), ("udp://127.0.0.1:5555", False)])
 def test_which_endpoints_count_as_loopback(endpoint, local):
     assert is_loopback(endpoint) is local
+
+
+def test_a_request_that_timed_out_is_never_delivered_to_a_server_started_later(make_server, make_client):
+    import socket
+
+    with socket.socket() as probe:  # a free port, for the server that is not there yet
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    early = make_client(endpoint, connect=False, timeout=0.3)
+    with pytest.raises(ConnectionTimeout):
+        early.connect()
+    with pytest.raises(ConnectionTimeout):
+        early.submit("a ghost", preset="smoke")
+    make_server(bind=endpoint)
+    time.sleep(0.5)  # the early client's socket reconnects meanwhile
+    assert early.ping(timeout=5) < 1.0
+    assert early.list_jobs() == []  # the timed-out submit did not become a job
