@@ -127,6 +127,9 @@ def test_lora_off_is_the_pretrained_model_bit_for_bit(tiny_sd_v):
     phi.update(x, sigma, cond, cams)
     phi.load_state_dict(state)
     assert torch.equal(phi.denoise(x, sigma, cond, cams), trained)
+    phi.close()
+    assert not getattr(prior.unet, "peft_config", None) and not prior.unet.time_embedding._forward_hooks
+    assert torch.equal(prior.denoise(x, sigma, cond, cams), before)
 
 
 def test_lora_on_a_separate_phi_base(tiny_sd_eps, tiny_sd_v):

@@ -80,6 +80,12 @@ def read_model_index(model: str, local_files_only: bool) -> dict:
 class TextConditioner(ABC):
     """How one model family turns prompts into UNet conditioning (the only per-family code)."""
 
+    @classmethod
+    @abstractmethod
+    def load(cls, model: str, index: dict, device: torch.device, dtype: torch.dtype,
+             local_files_only: bool) -> "TextConditioner":
+        """Load the family's tokenizer(s) and text encoder(s) from a pipeline folder or id."""
+
     @abstractmethod
     def encode(self, prompts: Sequence[str], negative: bool) -> dict[str, torch.Tensor]:
         """UNet keyword tensors for a batch of prompts, each with batch dimension len(prompts).

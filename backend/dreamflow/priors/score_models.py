@@ -119,12 +119,21 @@ class LoraScoreModel(ScoreModel):
         if camera_embedding:
             self.camera = CameraEmbedding(unet.time_embedding.linear_2.out_features).to(self.base.device)
             params += list(self.camera.parameters())
-            unet.time_embedding.register_forward_hook(self._add_camera)
+        self._hook = unet.time_embedding.register_forward_hook(self._add_camera) if camera_embedding else None
         self._camera_emb: torch.Tensor | None = None
         self.optimiser = torch.optim.AdamW(params, lr=lr)
         self.generator = torch.Generator().manual_seed(seed)
         self._phi_cond: dict[tuple[str, str], Conditioning] = {}
         unet.disable_adapters()
+
+    def close(self) -> None:
+        """Take the adapter and the camera hook off the UNet (the prior stays as loaded)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        unet = self.base.unet
+        if self.adapter_name in (getattr(unet, "peft_config", None) or {}):
+            unet.delete_adapters(self.adapter_name)
 
     def _add_camera(self, module, inputs, output):
         if self._camera_emb is None:
