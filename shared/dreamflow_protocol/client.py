@@ -325,7 +325,7 @@ class Client:
         except ProtocolError as exc:
             self.dropped.append(str(exc))
             return
-        if msg.type == "pong":
+        if msg.type in ("pong", "capabilities"):
             server_id = msg.fields["server_id"]
             restarted = self._server_id is not None and server_id != self._server_id
             self._server_id = server_id
