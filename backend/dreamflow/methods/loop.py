@@ -178,12 +178,16 @@ class Distillation:
                 f"optimisation diverged ({why}) at iteration {self.state.iteration} after "
                 f"{self.state.rollbacks - 1} rollbacks with lowered learning rates; no result was exported")
         good = copy.deepcopy(self._good)
+        # The snapshot's optimiser state carries the learning rates of its time; keep lowering the
+        # current ones instead, so repeated rollbacks back off further (lr * backoff^n).
+        lowered = [group["lr"] * self.config.lr_backoff for group in self.optimiser.param_groups]
         self.problem.load_state_dict(good["problem"])
         self.optimiser.load_state_dict(good["optimiser"])
         self.score_model.load_state_dict(good["score_model"])
-        for group in self.optimiser.param_groups:
-            group["lr"] *= self.config.lr_backoff
+        for group, lr in zip(self.optimiser.param_groups, lowered):
+            group["lr"] = lr
         self.state.iteration = good["iteration"]
+        del self.state.history[good["iteration"]:]  # the undone steps are run again; history[i] is step i
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self, info: StepInfo) -> StepReport:
