@@ -40,7 +40,7 @@ def test_gmm_run_reports_exact_metrics(tmp_path):
     m = report["metrics"]
     assert m["modes"] == 3 and 0 <= m["fraction_near_mode"] <= 1 and len(m["nearest_mode"]) == 6
     assert m["fraction_near_mode"] == 1.0  # 60 exact APFO steps reach the modes
-    assert report["timesteps"] == 60
+    assert report["timesteps"] == 12  # 60 steps, 5 updates per timestep
 
 
 def test_cli_image_command(tmp_path, capsys):
