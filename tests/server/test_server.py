@@ -70,8 +70,11 @@ def test_cancel_stops_a_running_job_within_one_step(make_server, make_client):
     events = collect(client, job)
     elapsed = time.monotonic() - start
     assert events[-1].type == "cancelled" and events[-1].fields["reason"] == "user pressed cancel"
-    assert elapsed < 0.1 + 0.5, f"cancel took {elapsed:.2f} s for 0.1 s steps"
-    assert client.status(job)["state"] == "cancelled"
+    # At most the step that was computing when the cancel arrived finishes (load-independent) ...
+    final = client.status(job)
+    assert final["state"] == "cancelled" and final["step"] <= summary["step"] + 1, (summary["step"], final["step"])
+    # ... and in wall time that is about one 0.1 s step (generous bound for a loaded 2-core machine).
+    assert elapsed < 3.0, f"cancel took {elapsed:.2f} s for 0.1 s steps"
     with pytest.raises(RequestError, match="no results to fetch: it is cancelled"):
         client.fetch(job)
 
