@@ -196,3 +196,39 @@ class RawPeer:
     def close(self) -> None:
         """Close the socket."""
         self.sock.close(linger=0)
+
+
+# ------------------------------------------------------------------------------ in-process servers
+
+class RunningServer:
+    """A :class:`dreamflow.server.Server` serving on a background thread; ``stop()`` ends it."""
+
+    def __init__(self, server: Any) -> None:
+        import threading
+
+        self.server = server
+        self.endpoint = server.open()
+        self.thread = threading.Thread(target=server.serve_forever, name="reliability-server", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop the socket loop and the worker; fail if they do not end."""
+        self.server.stop()
+        self.thread.join(20)
+        assert not self.thread.is_alive(), "server thread did not stop"
+
+
+def collect(client: Any, job: str, timeout: float = 30.0, stop_when: Any = None) -> list[Message]:
+    """The job's events as the client delivers them, until a terminal one (or ``stop_when(msg)``)."""
+    from dreamflow_protocol import TERMINAL_TYPES
+
+    events: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = client.next_event(timeout=0.2)
+        if msg is None or msg.job != job:
+            continue
+        events.append(msg)
+        if msg.type in TERMINAL_TYPES or (stop_when is not None and stop_when(msg)):
+            return events
+    raise AssertionError(f"job {job} did not finish within {timeout} s; got {[m.type for m in events]}")

@@ -84,7 +84,13 @@ class JobContext:
         path = self.checkpoint_path(stage)
         if path is None or not path.is_file():
             return None
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # writes are atomic, so this is damage from outside: start the stage afresh
+            self.emit("log", {"level": "warning", "stage": stage,
+                              "message": f"checkpoint {path.name} is unreadable ({type(exc).__name__}: {str(exc)[:200]}); "
+                                         f"{stage} starts again from its first step"})
+            return None
 
 
 class ProgressTimer:

@@ -152,14 +152,33 @@ class Server:
     def _requeue_unfinished(self) -> None:
         for job in self.store.all():
             state = job.state.get("state")
-            last = job.read_event(job.next_seq - 1) if job.next_seq else None
-            if state in ACTIVE_STATES and last is not None and last.type in TERMINAL_EVENT_STATES:
+            try:
+                last = job.read_event(job.next_seq - 1) if job.next_seq else None
+            except StoreError as exc:
+                log.error("store: %s", exc)
+                last = None
+            if state in TERMINAL_STATES and (last is None or last.type not in TERMINAL_EVENT_STATES):
+                self._restore_terminal_event(job, state)
+            elif state in ACTIVE_STATES and last is not None and last.type in TERMINAL_EVENT_STATES:
                 # It finished, but the server died before recording that in state.json.
                 job.save_state(state=TERMINAL_EVENT_STATES[last.type], finished=time.time())
             elif state == "cancelling":
                 self._finish_unstarted(job, "cancelled before the server restarted")
             elif state in ("queued", "running"):
                 self.worker.enqueue(job.job_id)
+
+    def _restore_terminal_event(self, job: JobRecord, state: str) -> None:
+        """Re-append the end of a finished job's stream, lost in a torn write, from its state.json."""
+        if state == "done":
+            msg = Message("job_done", {"files": list(job.state.get("files", []))}, job=job.job_id, seq=0)
+        elif state == "failed":
+            msg = Message("error", {"message": str(job.state.get("error") or "the job failed")[:4096], "code": "job_failed"},
+                          job=job.job_id, seq=0)
+        else:
+            msg = Message("cancelled", {"reason": "cancelled"}, job=job.job_id, seq=0)
+        validate_message(msg)
+        job.append_event(msg)
+        log.warning("store: job %s: its %s event was lost in a torn write; restored from state.json", job.job_id, msg.type)
 
     def serve_forever(self) -> None:
         """Run the socket loop in this thread until :meth:`stop` (from any thread) or Ctrl-C."""
@@ -424,15 +443,22 @@ class Server:
         for key, sub in list(self._subs.items()):
             if sub.blocked_until > now or not self._behind(key, sub):
                 continue
-            job = self.store.get(key[1])
-            for _ in range(_PUMP_BATCH):
-                if sub.cursor >= job.next_seq or key not in self._subs:
-                    break
-                event = job.read_event(sub.cursor)
-                if not self._send_frames(sock, key[0], encode(event, self.limits, validate=False)):
-                    sub.blocked_until = time.monotonic() + 0.01
-                    break
-                self._advance(key, sub, event)
+            try:
+                job = self.store.get(key[1])
+                for _ in range(_PUMP_BATCH):
+                    if sub.cursor >= job.next_seq or key not in self._subs:
+                        break
+                    event = job.read_event(sub.cursor)
+                    if not self._send_frames(sock, key[0], encode(event, self.limits, validate=False)):
+                        sub.blocked_until = time.monotonic() + 0.01
+                        break
+                    self._advance(key, sub, event)
+            except (StoreError, ProtocolError) as exc:
+                # A job file changed on disk behind the store's back: tell this subscriber, keep serving the rest.
+                log.error("replay of job %s to a subscriber stopped: %s", key[1], exc)
+                self._subs.pop(key, None)
+                text = f"{exc}; later events can be requested with subscribe from_seq={sub.cursor + 1}"
+                self._send(sock, key[0], Message("error", {"message": text[:4096], "code": "corrupt_job"}, job=key[1]))
 
     def _advance(self, key: tuple[bytes, str], sub: _Sub, sent: Message) -> None:
         """Move a subscriber past an event it was sent; after a terminal event it is done."""

@@ -166,17 +166,24 @@ class JobRecord:
             if not 0 <= seq < len(self.offsets):
                 raise StoreError(f"job {self.job_id} has no event {seq}")
             offset, length = self.offsets[seq]
-        with open(self.folder / "events.log", "rb") as fh:
-            fh.seek(offset)
-            record = msgpack.unpackb(fh.read(length), raw=False)
-        arrays: dict[str, np.ndarray] = {}
-        if record["file"]:
-            blob = (self.folder / "events" / record["file"]).read_bytes()
-            for d in record["arrays"]:
-                dtype = np.dtype(d["dtype"])
-                count = int(np.prod(d["shape"], dtype=np.int64))
-                arrays[d["name"]] = np.frombuffer(blob, dtype=dtype, count=count, offset=d["offset"]).reshape(d["shape"])
-        return Message(record["type"], record["fields"], arrays, job=self.job_id, seq=record["seq"], id=record["id"])
+        try:
+            with open(self.folder / "events.log", "rb") as fh:
+                fh.seek(offset)
+                record = msgpack.unpackb(fh.read(length), raw=False)
+            arrays: dict[str, np.ndarray] = {}
+            if record["file"]:
+                blob = (self.folder / "events" / str(record["file"])).read_bytes()
+                for d in record["arrays"]:
+                    dtype = np.dtype(d["dtype"])
+                    count = int(np.prod(d["shape"], dtype=np.int64))
+                    arrays[d["name"]] = np.frombuffer(blob, dtype=dtype, count=count, offset=d["offset"]).reshape(d["shape"])
+            if record["seq"] != seq:
+                raise ValueError(f"the record holds seq {record['seq']}")
+            return Message(record["type"], record["fields"], arrays, job=self.job_id, seq=record["seq"], id=record["id"])
+        except (OSError, ValueError, KeyError, TypeError, msgpack.exceptions.UnpackException) as exc:
+            # Changed on disk behind the store's back (bit rot, a truncated payload, a deleted folder).
+            raise StoreError(f"job {self.job_id}: stored event {seq} is corrupt or missing ({type(exc).__name__}: "
+                             f"{str(exc)[:160]})") from None
 
     def _load_log(self) -> int:
         """Index events.log; cut a torn or corrupt tail. The number of bytes cut."""
