@@ -161,3 +161,19 @@ def test_missing_files_give_a_clear_error(tiny_sd_eps, tmp_path):
     shutil.rmtree(broken / "unet")
     with pytest.raises(PriorLoadError, match="unet"):
         StableDiffusionPrior.from_pretrained(str(broken), local_files_only=True)
+
+
+def test_two_stage_adapters_on_one_unet_stay_separate(tiny_sd_eps):
+    prior = StableDiffusionPrior.from_pretrained(str(tiny_sd_eps), local_files_only=True, view_dependent=False)
+    cond = prior.condition("a red chair")
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    sigma = torch.tensor(0.8)
+    base = prior.denoise(x, sigma, cond, guidance=1.0)
+    first = LoraScoreModel(prior, lr=1e-2, adapter_name="phi_stage1")
+    first.update(x, sigma, cond)
+    first_out = first.denoise(x, sigma, cond)
+    second = LoraScoreModel(prior, lr=1e-2, adapter_name="phi_texture")
+    assert torch.equal(second.denoise(x, sigma, cond), base)  # a new adapter starts as the base model
+    second.update(x, sigma, cond)
+    assert torch.equal(first.denoise(x, sigma, cond), first_out)  # training one leaves the other alone
+    assert torch.equal(prior.denoise(x, sigma, cond, guidance=1.0), base)

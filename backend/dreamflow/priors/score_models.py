@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -107,8 +108,11 @@ class LoraScoreModel(ScoreModel):
         unet = self.base.unet
         if adapter_name in (getattr(unet, "peft_config", None) or {}):
             unet.delete_adapters(adapter_name)  # a new job on a cached prior starts a fresh adapter
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=adapter_name)
+        with warnings.catch_warnings():
+            # One adapter per stage on a shared UNet is the design, not an accident.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=adapter_name)
         self.lora_params = {n: p for n, p in unet.named_parameters() if f".{adapter_name}." in n}
         if not self.lora_params:
             raise RuntimeError("peft added no LoRA parameters to the UNet (no attention projections found)")
