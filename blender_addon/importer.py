@@ -242,7 +242,7 @@ def apply_texture(obj: bpy.types.Object, texture: np.ndarray, job_id: str) -> bp
 
 
 def apply_mesh(scene: bpy.types.Scene, job_id: str, arrays: Mapping[str, Any], object_name: str = "",
-               object_id: str = "", stage: str = "", step: int = -1) -> bpy.types.Object:
+               object_id: str = "", stage: str = "", step: int = -1, final: bool = False) -> bpy.types.Object:
     """Apply one mesh message in place: the job's Object gets a freshly built Mesh (and texture).
 
     The Object is found by ``object_id`` (a refinement of an artist's object), else by job id,
@@ -258,6 +258,7 @@ def apply_mesh(scene: bpy.types.Scene, job_id: str, arrays: Mapping[str, Any], o
                       checked.get("normals"), checked.get("uvs"))
     mesh["dreamflow_stage"] = stage
     mesh["dreamflow_step"] = int(step)
+    mesh["dreamflow_final"] = bool(final)
     try:
         if obj is None:
             obj = create_job_object(scene, job_id, object_name, mesh)

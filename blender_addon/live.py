@@ -287,7 +287,8 @@ def _apply_event(scene: bpy.types.Scene, job: Any, msg: Any) -> None:
             img.preview.reload()
     elif msg.type == "mesh":
         obj = importer.apply_mesh(scene, job.job_id, msg.arrays, object_name=job.object_name,
-                                  object_id=f.get("object_id") or job.object_id, stage=f["stage"], step=int(f["step"]))
+                                  object_id=f.get("object_id") or job.object_id, stage=f["stage"], step=int(f["step"]),
+                                  final=bool(f.get("final")))
         job.object_name = obj.name
         job.object_id = importer.ensure_object_id(obj)
         job.stage = f["stage"]
