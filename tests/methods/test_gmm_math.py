@@ -141,3 +141,19 @@ def test_schedule_plans():
     assert max(p.t for p in ann[:100]) > 0.5 and max(p.t for p in ann[100:]) <= 0.5
     with pytest.raises(ValueError):
         TimestepSchedule("decreasing", 0.2, 0.8)
+
+
+def test_empirical_score_model_memory():
+    model = EmpiricalScoreModel(std=0.1, memory=3)
+    assert model.trainable and not EmpiricalScoreModel(std=0.1).trainable
+    a, b = torch.zeros(2, 3, 2, 2), torch.ones(2, 3, 2, 2)
+    model.update(a, torch.tensor(1.0), None)
+    model.update(b, torch.tensor(1.0), None)
+    assert model.bank.shape[0] == 3 and torch.equal(model.bank[:2], b)  # newest first, oldest dropped
+    x = torch.full((1, 3, 2, 2), 0.9)
+    reference = GaussianMixturePrior(torch.cat([x, model.bank]), std=0.1)
+    got = model.denoise(x + 0.3, torch.tensor(0.5), None, x_clean=x)
+    assert torch.allclose(got, reference.denoise_components(x + 0.3, torch.tensor(0.5), range(4)), atol=1e-6)
+    restored = EmpiricalScoreModel(std=0.1, memory=3)
+    restored.load_state_dict(model.state_dict())
+    assert torch.equal(restored.bank, model.bank)
