@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from dreamflow.cli import main
 from dreamflow.events import RecordingSink
