@@ -11,10 +11,25 @@ background threads), ``live`` (``drain_and_apply``: the one main-thread entry of
 from __future__ import annotations
 
 import bpy
+from bpy.app.handlers import persistent
 
 from . import live, operators, properties, ui
 
 _CLASSES = (*properties.CLASSES, properties.DreamFlowPreferences, *operators.CLASSES, *ui.CLASSES)
+
+
+@persistent
+def _on_file_loaded(_filepath: str) -> None:
+    """A reopened file's unfinished jobs are detached until the artist reattaches them."""
+    live.close_session()
+    for scene in bpy.data.scenes:
+        settings = getattr(scene, "dreamflow", None)
+        if settings is None:
+            continue
+        for job in settings.jobs:
+            if job.state not in properties.TERMINAL_STATES:
+                job.state = "detached"
+                job.message = "reopened: press Reattach to follow this job again"
 
 
 def register() -> None:
@@ -25,12 +40,15 @@ def register() -> None:
     bpy.types.WindowManager.dreamflow = bpy.props.PointerProperty(type=properties.DREAMFLOW_PG_run)
     if not bpy.app.timers.is_registered(live.timer):
         bpy.app.timers.register(live.timer, first_interval=0.5, persistent=True)
+    bpy.app.handlers.load_post.append(_on_file_loaded)
 
 
 def unregister() -> None:
     """Stop the timer, the connection and any local backend; unregister everything."""
     if bpy.app.timers.is_registered(live.timer):
         bpy.app.timers.unregister(live.timer)
+    if _on_file_loaded in bpy.app.handlers.load_post:
+        bpy.app.handlers.load_post.remove(_on_file_loaded)
     live.close_session()
     live.local_backend.stop()
     del bpy.types.WindowManager.dreamflow

@@ -211,7 +211,12 @@ def _apply_outcome(scene: bpy.types.Scene, outcome: Outcome) -> None:
     s = settings(scene)
     state = run_state()
     if outcome.kind == "connect":
-        if outcome.error:
+        if outcome.error and local_backend.running:
+            # A local backend still importing its libraries: heartbeats will bring the link up.
+            if state is not None:
+                state.connection = "CONNECTING"
+                state.connection_message = f"Waiting for the local backend to start (log: {local_backend.log_path})"
+        elif outcome.error:
             if state is not None:
                 state.connection = "UNREACHABLE"
                 state.connection_message = outcome.error
@@ -259,6 +264,8 @@ def _update_connection(session: Session, scene: bpy.types.Scene) -> None:
         if state.connection != "CONNECTED":
             state.connection = "CONNECTED"
             state.connection_message = ""
+            if session.client.capabilities is None and not session.busy:
+                session.connect()  # the link came up by heartbeat: ask for the server's details
     elif session.ever_connected and state.connection == "CONNECTED":
         state.connection = "LOST"
         state.connection_message = (f"Lost the connection to {session.endpoint}; retrying, running jobs resume "

@@ -80,8 +80,11 @@ class DREAMFLOW_OT_refine_selected(bpy.types.Operator):
         """Submit the edited mesh as a job's input."""
         s = context.scene.dreamflow
         obj = context.active_object
+        # An object DreamFlow made keeps its prompt unless the panel says otherwise.
+        earlier = live.job_for_object(context.scene, obj)
+        prompt = s.prompt if s.prompt.strip() or earlier is None else earlier.prompt
         try:
-            args = jobspec.submit_arguments(s.prompt, s.negative_prompt, s.seed, s.method, s.preset,
+            args = jobspec.submit_arguments(prompt, s.negative_prompt, s.seed, s.method, s.preset,
                                             s.stage_settings(), s.extra_overrides)
             mesh = importer.extract_refine_input(obj, context.evaluated_depsgraph_get())
         except ValueError as exc:

@@ -157,3 +157,27 @@ def test_remote_backend_needs_online_access(addon):
     state = bpy.context.window_manager.dreamflow
     assert "online access" in state.connection_message
     assert len(bpy.context.scene.dreamflow.jobs) == 0
+
+
+def test_local_backend_starts_with_connect_and_stops_when_the_addon_is_disabled(addon, tmp_path):
+    import sys
+    from pathlib import Path
+
+    import addon_utils
+    from conftest import ADDON_MODULE
+
+    prefs = bpy.context.preferences.addons[ADDON_MODULE].preferences
+    prefs.address = f"tcp://127.0.0.1:{free_port()}"
+    prefs.start_local = True
+    prefs.backend_executable = "/nonexistent/dreamflow"
+    with pytest.raises(RuntimeError, match="not found"):
+        bpy.ops.dreamflow.connect()
+    prefs.backend_executable = str(Path(sys.executable).with_name("dreamflow"))
+    prefs.backend_arguments = f"serve --bind {{address}} --store {tmp_path / 'store'}"
+    assert bpy.ops.dreamflow.connect() == {"FINISHED"}
+    process = addon.live.local_backend.process
+    state = bpy.context.window_manager.dreamflow
+    pump(addon, lambda: state.connection == "CONNECTED" and state.server_info, timeout=90)
+    assert process.poll() is None and "cpu" in state.server_info
+    addon_utils.disable(ADDON_MODULE, default_set=True)      # unregister stops what it started
+    assert process.poll() is not None

@@ -133,7 +133,7 @@ def test_reattach_after_reopening_the_file_resumes_from_the_last_seen_event(addo
     s = bpy.context.scene.dreamflow
     job = s.jobs[0]
     seen_before = job.last_seq
-    assert seen_before >= 4 and job.state not in ("done", "failed", "cancelled")
+    assert seen_before >= 4 and job.state == "detached" and "Reattach" in job.message
     assert bpy.ops.dreamflow.reattach(job_id=job.job_id) == {"FINISHED"}
     pump(addon, lambda: job.state == "done", timeout=30)
     objects = [o for o in bpy.data.objects if o.get("dreamflow_job") == job.job_id]
