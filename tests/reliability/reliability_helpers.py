@@ -28,6 +28,12 @@ if str(SERVER_TESTS) not in sys.path:
 
 JOB = "ab" * 16
 
+#: The smallest real job: reference prior, stage 1 only, tiny renders and export.
+TINY_REAL_JOB = {"prior.kind": "reference", "stage1.steps": 8, "stage1.resolution": 16, "stage1.samples_per_ray": 8,
+                 "stage1.preview_every": 0, "stage1.mesh_every": 0, "stage1.mesh_resolution": 16, "export.texture_size": 16,
+                 "export.face_budget": 300, "geometry.enabled": False, "texture.enabled": False, "refine.enabled": False,
+                 "checkpoint_every": 2}
+
 
 def cube_arrays() -> dict[str, np.ndarray]:
     """A valid small mesh (vertices, faces, normals, uvs, texture)."""
@@ -139,16 +145,25 @@ def mutated_frames(draw: st.DrawFn, seeds: list[list[bytes]] = SAMPLE_FRAMES) ->
 
 # ------------------------------------------------------------------------------ processes
 
-def serve(store: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    """Start ``dreamflow serve`` on a free loopback port; the process and its endpoint."""
+def serve(store: Path, *extra: str, bind: str = "tcp://127.0.0.1:*", env: dict | None = None,
+          stderr: Any = subprocess.PIPE) -> tuple[subprocess.Popen, str]:
+    """Start ``dreamflow serve`` (on a free loopback port by default); the process and its endpoint.
+
+    A port just freed by a killed server is retried for a few seconds (the kernel may hold it briefly).
+    """
     environ = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    proc = subprocess.Popen([sys.executable, "-m", "dreamflow", "serve", "--bind", "tcp://127.0.0.1:*", "--store", str(store),
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
-    line = proc.stdout.readline()
-    if "listening on " not in line:
+    for attempt in range(10):
+        proc = subprocess.Popen([sys.executable, "-m", "dreamflow", "serve", "--bind", bind, "--store", str(store), *extra],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, env=environ)
+        line = proc.stdout.readline()
+        if "listening on " in line:
+            return proc, line.split("listening on ")[1].split()[0]
         proc.kill()
-        raise AssertionError(f"server did not start: {line}{proc.stderr.read()}")
-    return proc, line.split("listening on ")[1].split()[0]
+        err = proc.communicate()[1] or ""
+        if "Address already in use" not in err or attempt == 9:
+            raise AssertionError(f"server did not start: {line}{err}")
+        time.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> str:

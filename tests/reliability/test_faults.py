@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_helpers import collect
+from reliability_helpers import TINY_REAL_JOB, collect
 from runners import StepRunner
 
 from dreamflow.events import Cancelled, JobControl, RecordingSink
@@ -289,10 +289,3 @@ def _default_runner():
     from dreamflow.server.worker import default_runner
 
     return default_runner
-
-
-#: The smallest real job: reference prior, stage 1 only, tiny renders and export.
-TINY_REAL_JOB = {"prior.kind": "reference", "stage1.steps": 8, "stage1.resolution": 16, "stage1.samples_per_ray": 8,
-                 "stage1.preview_every": 0, "stage1.mesh_every": 0, "stage1.mesh_resolution": 16, "export.texture_size": 16,
-                 "export.face_budget": 300, "geometry.enabled": False, "texture.enabled": False, "refine.enabled": False,
-                 "checkpoint_every": 2}
