@@ -85,8 +85,9 @@ class GeometryStageConfig:
     method: MethodConfig = MethodConfig(schedule=TimestepSchedule("decreasing", 0.8, 0.4, 5), score_model="identity")
     tet_resolution: int = 128
     lr: float = 1e-2
-    normal_consistency_weight: float = 1e-1
-    laplacian_weight: float = 1e-1
+    # Per rendered pixel (the image loss sums over pixels), so the balance holds at any resolution.
+    normal_consistency_weight: float = 1e-3
+    laplacian_weight: float = 1e-3
     cameras: CameraRanges = CameraRanges()
     preview_every: int = 50
     mesh_every: int = 250
