@@ -1,0 +1,148 @@
+"""The real Stable Diffusion 2.1 and SDXL-refiner architectures, written out as data, built with
+random weights in-process (no download).
+
+The configurations are those of the published diffusers pipelines
+(``stabilityai/stable-diffusion-2-1-base`` / ``-2-1`` and ``stabilityai/stable-diffusion-xl-refiner-1.0``):
+same layer shapes, so the same FLOPs and the same memory as the real models. Random weights make
+the pictures meaningless but the cost real; that is all a speed benchmark needs. The priors are
+built through the project's own prior classes (``StableDiffusionPrior``, ``SdxlRefinerPrior``)
+with the real CLIP tokenizer (``priors.tiny.clip_tokenizer``), so every code path the pipeline
+runs is the one measured.
+
+``tiny`` builds the tiny random pipelines of ``priors.tiny`` (written to a temporary folder and
+loaded back through ``from_pretrained``), for the CPU smoke test.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+ArchName = Literal["tiny", "sd21", "sdxl-refiner"]
+ARCH_NAMES: tuple[str, ...] = ("tiny", "sd21", "sdxl-refiner")
+
+#: SD 2.x / SDXL share the DDPM schedule (scaled_linear, 0.00085..0.012, 1000 steps).
+SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+# -- Stable Diffusion 2.1 (base: epsilon at 512; 2.1: v-prediction, same UNet shapes) --------------
+SD21_UNET: dict[str, Any] = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+    norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0, act_fn="silu",
+)
+SD_VAE: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=512, scaling_factor=0.18215, act_fn="silu",
+)
+#: OpenCLIP ViT-H/14 text tower (SD 2.x uses the last hidden state of its 23 used layers).
+SD21_TEXT: dict[str, Any] = dict(
+    vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
+    max_position_embeddings=77, projection_dim=512, hidden_act="gelu",
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+)
+
+# -- SDXL refiner 1.0 ----------------------------------------------------------------------------
+SDXL_REFINER_UNET: dict[str, Any] = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(384, 768, 1536, 1536),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=1280, attention_head_dim=(6, 12, 24, 24), transformer_layers_per_block=4,
+    use_linear_projection=True, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0, act_fn="silu",
+    addition_embed_type="text_time", addition_time_embed_dim=256,
+    # 5 time ids x 256 (original size, crop corner, aesthetic score) + 1280 pooled text.
+    projection_class_embeddings_input_dim=5 * 256 + 1280,
+)
+SDXL_VAE: dict[str, Any] = dict(SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+#: OpenCLIP ViT-bigG/14 text tower with projection (the refiner's only text encoder).
+SDXL_REFINER_TEXT: dict[str, Any] = dict(
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+    max_position_embeddings=77, projection_dim=1280, hidden_act="gelu",
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One prior architecture: which prior class, its parts' configs and its prediction type."""
+
+    name: str
+    family: Literal["sd", "sdxl-refiner"]
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text: dict[str, Any]
+    prediction_type: str = "epsilon"
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "sd21": ArchSpec("sd21", "sd", SD21_UNET, SD_VAE, SD21_TEXT, "epsilon",
+                     "stable-diffusion-2-1-base (D_p); the v-model 2-1 has the same UNet"),
+    "sdxl-refiner": ArchSpec("sdxl-refiner", "sdxl-refiner", SDXL_REFINER_UNET, SDXL_VAE, SDXL_REFINER_TEXT, "epsilon",
+                             "stable-diffusion-xl-refiner-1.0"),
+}
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    """Number of parameters of a module."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_prior(arch: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                encode_size: int | None = None, seed: int = 0, workdir: str | Path | None = None,
+                prediction_type: str | None = None):
+    """A ``StableDiffusionPrior`` (sd21, tiny) or ``SdxlRefinerPrior`` (sdxl-refiner, tiny-refiner)
+    of the named architecture with random weights, on ``device`` in ``dtype``; ``prediction_type``
+    overrides the architecture's (the v-model SD 2.1 that DreamFlow uses as D_phi's base)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from dreamflow.priors.sdxl_refiner import SdxlRefinerConditioner, SdxlRefinerPrior
+    from dreamflow.priors.stable_diffusion import ClipTextConditioner, StableDiffusionPrior
+    from dreamflow.priors.tiny import clip_tokenizer, tiny_sdxl_refiner, tiny_stable_diffusion
+
+    device = torch.device(device)
+    if arch in ("tiny", "tiny-refiner"):
+        folder = Path(workdir or tempfile.mkdtemp(prefix="dreamflow-bench-"))
+        if arch == "tiny":
+            pred = prediction_type or "epsilon"
+            path = tiny_stable_diffusion(folder / f"tiny-sd-{pred}", prediction_type=pred, seed=seed)
+            return StableDiffusionPrior.from_pretrained(str(path), device=device, dtype=_dtype_name(dtype),
+                                                        local_files_only=True, encode_size=encode_size)
+        path = tiny_sdxl_refiner(folder / "tiny-refiner", seed=seed)
+        return SdxlRefinerPrior.from_pretrained(str(path), device=device, dtype=_dtype_name(dtype),
+                                                local_files_only=True, encode_size=encode_size)
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCH_NAMES)}")
+    spec = ARCHS[arch]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec.unet)
+    vae = AutoencoderKL(**spec.vae)
+    pred = prediction_type or spec.prediction_type
+    sched = DDPMScheduler(**SCHEDULE, prediction_type=pred)
+    tok = clip_tokenizer()
+    if spec.family == "sd":
+        enc = CLIPTextModel(CLIPTextConfig(**spec.text))
+        conditioner = ClipTextConditioner(tok, enc.to(dtype), device)
+        cls = StableDiffusionPrior
+    else:
+        enc = CLIPTextModelWithProjection(CLIPTextConfig(**spec.text))
+        conditioner = SdxlRefinerConditioner(tok, enc.to(dtype), device, requires_aesthetics_score=True,
+                                             force_zeros_for_empty_prompt=False, size=1024)
+        cls = SdxlRefinerPrior
+    return cls(unet, vae, conditioner, sched.alphas_cumprod, pred, device, dtype,
+               view_dependent=True, encode_size=encode_size, model_id=f"random:{arch}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
