@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import zmq
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -22,7 +23,14 @@ class RunningServer:
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.endpoint = server.open()
+        for attempt in range(30):  # an in-process restart may find the old listener not yet closed
+            try:
+                self.endpoint = server.open()
+                break
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or attempt == 29:
+                    raise
+                time.sleep(0.1)
         self.thread = threading.Thread(target=server.serve_forever, name="test-server", daemon=True)
         self.thread.start()
 

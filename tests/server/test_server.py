@@ -270,3 +270,13 @@ def test_a_request_that_timed_out_is_never_delivered_to_a_server_started_later(m
     time.sleep(0.5)  # the early client's socket reconnects meanwhile
     assert early.ping(timeout=5) < 1.0
     assert early.list_jobs() == []  # the timed-out submit did not become a job
+
+
+def test_a_job_that_ended_without_its_terminal_event_gets_it_on_restart(tmp_path, make_server, make_client):
+    store = JobStore(tmp_path / "store")
+    job = store.create({"prompt": "p", "preset": "smoke"}, {})
+    job.save_state(state="done", files=[])  # the server died between state.json and the event log
+    srv = make_server(store=tmp_path / "store")
+    client = make_client(srv.endpoint)
+    client.subscribe(job.job_id, from_seq=0)
+    assert [m.type for m in collect(client, job.job_id)] == ["job_done"]

@@ -120,7 +120,11 @@ class Server:
         sock.setsockopt(zmq.SNDHWM, 1000)
         if self._keys is not None:
             self._setup_curve(sock)
-        sock.bind(self._bind)
+        try:
+            sock.bind(self._bind)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sock = sock
         for repair in self.store.repairs:
@@ -316,7 +320,8 @@ class Server:
             if self.worker.remove(job.job_id):
                 self._finish_unstarted(job, reason)
             elif self.worker.cancel_running(job.job_id, reason):
-                job.save_state(state="cancelling")
+                # Only if the worker has not already recorded the end (it may be that quick).
+                job.transition("cancelling", allowed_from=("running",))
         return msg.reply("status_reply", {"job_status": job.summary()})
 
     def _finish_unstarted(self, job: JobRecord, reason: str) -> None:

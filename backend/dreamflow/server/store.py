@@ -122,6 +122,14 @@ class JobRecord:
             atomic_write_json(self.folder / "state.json", snapshot)
             return snapshot
 
+    def transition(self, new_state: str, allowed_from: tuple[str, ...]) -> bool:
+        """Atomically move to ``new_state`` if the job is in one of ``allowed_from``; whether it moved."""
+        with self.lock:
+            if self.state.get("state") not in allowed_from:
+                return False
+            self.save_state(state=new_state)
+            return True
+
     def summary(self) -> dict[str, Any]:
         """Plain-data view for status replies."""
         with self.lock:

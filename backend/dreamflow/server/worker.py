@@ -239,12 +239,12 @@ class Worker:
             _free_gpu_memory()
 
     def _terminal(self, job: JobRecord, msg: Message, state: str, **extra: Any) -> None:
-        # Stored, then the state, then published: a client that sees the terminal event finds the
-        # job finished; a crash in between is repaired on restart from the log's last event.
+        # The state first, then the event: a client that sees the terminal event (live, or from the
+        # log) always finds the job finished; a crash in between is repaired on restart
+        # (Server._repair_terminal appends the missing event).
         validate_message(msg)
-        job.append_event(msg)
         job.save_state(state=state, finished=time.time(), **extra)
-        self.publish(job, msg)
+        self.publish(job, job.append_event(msg))
 
     @staticmethod
     def _result_files(job: JobRecord, files: Mapping[str, str]) -> list[str]:
