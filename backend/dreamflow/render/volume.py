@@ -38,8 +38,8 @@ class OccupancyGrid(nn.Module):
 
     Every refresh evaluates the density at one jittered point per cell and keeps
     ``max(decay * old, new)`` (an EMA that forgets slowly, Instant NGP's rule); a cell is occupied
-    when that value exceeds ``min(threshold, mean)`` so that a field that is faint everywhere (the
-    start of a run) is never skipped entirely.
+    when that value exceeds ``min(threshold, mean)`` (so that a field that is faint everywhere, the
+    start of a run, is never skipped entirely), or when a neighbouring cell does.
     """
 
     def __init__(self, resolution: int = 64, threshold: float = 0.5, decay: float = 0.9,
@@ -71,7 +71,9 @@ class OccupancyGrid(nn.Module):
         self.values.copy_(new if int(self.refreshes) == 0 else torch.maximum(self.values * self.decay, new))
         self.refreshes += 1
         thr = min(self.threshold, float(self.values.mean()))
-        self.mask.copy_(self.values > thr)
+        # One jittered probe per cell can miss a thin sliver of surface: grow the mask by a cell.
+        occupied = (self.values > thr).float()[None, None]
+        self.mask.copy_(torch.nn.functional.max_pool3d(occupied, 3, stride=1, padding=1)[0, 0] > 0)
 
     def query(self, points: torch.Tensor) -> torch.Tensor:
         """Occupancy (bool) of the cells containing ``points`` (..., 3); outside the box is False."""

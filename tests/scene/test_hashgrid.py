@@ -1,0 +1,88 @@
+"""Hash-grid encoding: tinycudann's numbers, resolution schedule, continuity, gradients."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dreamflow.scene.hashgrid import HASH_PRIMES, TorchHashGrid, available_backends, make_hash_grid, per_level_scale
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CONFIG = dict(levels=6, log2_table_size=12, features_per_level=2, base_resolution=4, max_resolution=64)
+
+
+def naive_encoding(params: torch.Tensor, x: torch.Tensor, levels: int, log2_table_size: int, features: int,
+                   base_resolution: int, max_resolution: int) -> torch.Tensor:
+    """Instant NGP's definition, written point by point with Python integers (the test oracle)."""
+    b = per_level_scale(levels, base_resolution, max_resolution)
+    table = params.detach().double().cpu().view(-1, features)
+    out = torch.zeros(x.shape[0], levels * features, dtype=torch.float64)
+    offset = 0
+    for level in range(levels):
+        scale = float(torch.tensor(2.0 ** (level * math.log2(b)), dtype=torch.float32) * base_resolution - 1.0)
+        res = math.ceil(scale) + 1
+        size = min(((res ** 3 + 7) // 8) * 8, 2 ** log2_table_size)
+        for n, p in enumerate(x.float().cpu().tolist()):
+            pos = [float(np.float32(np.float32(c) * np.float32(scale)) + np.float32(0.5)) for c in p]
+            g = [math.floor(c) for c in pos]
+            f = [c - math.floor(c) for c in pos]
+            for corner in range(8):
+                bits = [(corner >> d) & 1 for d in range(3)]
+                q = [g[d] + bits[d] for d in range(3)]
+                w = math.prod(f[d] if bits[d] else 1.0 - f[d] for d in range(3))
+                if res ** 3 <= size:
+                    idx = q[0] + q[1] * res + q[2] * res * res
+                else:
+                    idx = 0
+                    for d in range(3):
+                        idx ^= (q[d] * HASH_PRIMES[d]) & 0xFFFFFFFF
+                idx %= size
+                out[n, level * features:(level + 1) * features] += w * table[offset + idx]
+        offset += size
+    return out.float()
+
+
+@pytest.mark.parametrize("backend", available_backends(DEVICE))
+def test_every_backend_matches_the_instant_ngp_definition(backend):
+    grid = make_hash_grid(**CONFIG, device=DEVICE, backend=backend, seed=3)
+    with torch.no_grad():  # scale the tiny initial values up so that differences would show
+        grid.params.mul_(1e4)
+    x = torch.rand(16, 3, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    got = grid(x).float().cpu()
+    want = naive_encoding(grid.params, x, CONFIG["levels"], CONFIG["log2_table_size"], CONFIG["features_per_level"],
+                          CONFIG["base_resolution"], CONFIG["max_resolution"])
+    assert got.shape == (16, CONFIG["levels"] * CONFIG["features_per_level"])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if backend == "tcnn":  # the twin, given the same parameters, gives the same numbers
+        twin = TorchHashGrid(**CONFIG).to(DEVICE)
+        with torch.no_grad():
+            twin.params.copy_(grid.params.float())
+        torch.testing.assert_close(twin(x).cpu(), got, rtol=1e-4, atol=1e-4)
+
+
+def test_resolution_schedule_and_table_sizes():
+    g = TorchHashGrid(levels=8, log2_table_size=15, features_per_level=2, base_resolution=8, max_resolution=256)
+    assert g.resolutions == sorted(g.resolutions) and g.resolutions[0] == 8 and g.resolutions[-1] == 256
+    ratios = [g.resolutions[i + 1] / g.resolutions[i] for i in range(7)]
+    assert all(1.4 < r < 1.9 for r in ratios)
+    for res, size in zip(g.resolutions, g.table_sizes):
+        assert size == min(((res ** 3 + 7) // 8) * 8, 2 ** 15)
+    assert g.params.numel() == sum(g.table_sizes) * 2
+    assert float(g.params.detach().abs().max()) <= 1e-4  # Instant NGP's uniform initialisation
+
+
+def test_encoding_is_continuous_and_its_gradient_is_the_interpolation_weights():
+    g = TorchHashGrid(**CONFIG, seed=0)
+    with torch.no_grad():
+        g.params.normal_()
+    x = torch.rand(64, 3, generator=torch.Generator().manual_seed(2)) * 0.98 + 0.01
+    step = (g(x + 1e-5) - g(x)).abs().max()
+    jump = (g(x + 0.2) - g(x)).abs().max()
+    assert float(step) < 1e-2 < float(jump)
+    g.params.grad = None
+    g(x[:1]).sum().backward()
+    grad = g.params.grad.view(-1, CONFIG["features_per_level"])
+    # Trilinear weights of each level sum to one, for each feature.
+    torch.testing.assert_close(grad.sum(0), torch.full((CONFIG["features_per_level"],), float(CONFIG["levels"])))
+    assert int((grad[:, 0] != 0).sum()) <= 8 * CONFIG["levels"]
