@@ -88,6 +88,8 @@ class Client:
 
     def connect(self, timeout: float | None = None) -> dict[str, Any]:
         """Start the I/O thread and exchange hello/capabilities; ConnectionTimeout if nobody answers."""
+        if self._stop.is_set():
+            raise RuntimeError("this client was closed; make a new Client")
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="dreamflow-client-io", daemon=True)
             self._thread.start()
@@ -96,13 +98,20 @@ class Client:
         return reply.fields
 
     def close(self) -> None:
-        """Stop the I/O thread and close the socket (pending requests fail)."""
+        """Stop the I/O thread and close the socket; requests still waiting fail at once (idempotent)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._bell.ring()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
         self._bell.close()
+        with self._lock:
+            waiting = list(self._pending.values())
+        for pending in waiting:
+            pending.reply = Message("error", {"message": "the client was closed", "code": "closed"})
+            pending.done.set()
 
     def __enter__(self) -> "Client":
         self.connect()
@@ -126,7 +135,7 @@ class Client:
     def request(self, msg: Message, timeout: float | None = None) -> Message:
         """Send ``msg`` and wait for its reply; raises RequestError/ServerBusy/ConnectionTimeout."""
         if self._thread is None:
-            raise RuntimeError("call connect() first")
+            raise RuntimeError("call connect() first" if not self._stop.is_set() else "this client was closed")
         timeout = self.timeout if timeout is None else timeout
         frames = encode(msg, self.limits)
         pending = _Pending(subscribe_on_accept=msg.type == "submit" and msg.fields.get("subscribe", True))

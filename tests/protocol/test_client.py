@@ -153,3 +153,27 @@ def test_request_reply_is_matched_by_parent(fake):
         assert out["s"] == {"state": "running"}
     finally:
         client.close()
+
+
+def test_close_fails_waiting_requests_at_once(fake):
+    client = Client(fake.endpoint, timeout=30, heartbeat=5)
+    client._thread = threading.Thread(target=client._run, daemon=True)
+    client._thread.start()
+    errors: list[Exception] = []
+
+    def ask() -> None:
+        try:
+            client.status()
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            errors.append(exc)
+
+    t = threading.Thread(target=ask)
+    t.start()
+    fake.recv("status")  # it was sent; the fake never answers
+    start = time.monotonic()
+    client.close()
+    t.join(5)
+    assert time.monotonic() - start < 5 and "the client was closed" in str(errors[0])
+    client.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        client.connect()
