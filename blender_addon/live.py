@@ -77,7 +77,40 @@ def report(level: str, message: str, job: Any = None) -> None:
     try:
         bpy.ops.dreamflow.report(level=level, message=message[:1000])
     except Exception:
-        pass  # the report area is a courtesy; the panel already shows the message
+        pass  # an ERROR report also comes back as an exception here; it was still reported
+    if level == "ERROR":
+        _popup(message)
+
+
+def _popup(message: str) -> None:
+    """A small popup near the mouse: errors arrive from a timer, where no operator is running."""
+    wm = bpy.context.window_manager
+    if wm is None or not wm.windows:
+        return
+
+    def draw(menu: Any, _context: Any) -> None:
+        for line in wrap_text(message, 90)[:8]:
+            menu.layout.label(text=line)
+
+    try:
+        with bpy.context.temp_override(window=wm.windows[0]):
+            wm.popup_menu(draw, title="DreamFlow", icon="ERROR")
+    except Exception:
+        traceback.print_exc()
+
+
+def wrap_text(text: str, width: int) -> list[str]:
+    """Words of ``text`` as lines of at most ``width`` characters (panel labels do not wrap)."""
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if line and len(line) + 1 + len(w) > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    if line:
+        lines.append(line)
+    return lines
 
 
 def redraw_panels() -> None:

@@ -174,7 +174,11 @@ class Session:
         return not self.busy
 
     def close(self) -> None:
-        """Stop the worker and the socket thread (pending requests fail with a timeout)."""
+        """Stop the socket thread and the worker; never blocks Blender for long.
+
+        A request still waiting for its reply ends with its own timeout on the (daemon) worker
+        thread; its outcome is dropped with this session.
+        """
         self._tasks.put(None)
         self.client.close()
-        self._worker.join(timeout=self.timeout + 1.0)
+        self._worker.join(timeout=0.5)

@@ -116,7 +116,7 @@ class DREAMFLOW_PT_main(bpy.types.Panel):
         if state.connection_message:
             box = layout.box()
             box.alert = state.connection in ("LOST", "UNREACHABLE")
-            for line in _wrap(state.connection_message, 60)[:4]:
+            for line in live.wrap_text(state.connection_message, 60)[:4]:
                 box.label(text=line)
 
     @staticmethod
@@ -140,19 +140,6 @@ def _text_prop(layout: bpy.types.UILayout, data: bpy.types.AnyType, name: str, h
         layout.prop(data, name, text="", placeholder=hint)
     else:
         layout.prop(data, name)
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    words, lines, line = text.split(), [], ""
-    for w in words:
-        if line and len(line) + 1 + len(w) > width:
-            lines.append(line)
-            line = w
-        else:
-            line = f"{line} {w}".strip()
-    if line:
-        lines.append(line)
-    return lines
 
 
 CLASSES = (DREAMFLOW_UL_jobs, DREAMFLOW_PT_main)

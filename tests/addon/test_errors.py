@@ -159,25 +159,32 @@ def test_remote_backend_needs_online_access(addon):
     assert len(bpy.context.scene.dreamflow.jobs) == 0
 
 
-def test_local_backend_starts_with_connect_and_stops_when_the_addon_is_disabled(addon, tmp_path):
+def test_local_backend_starts_with_connect_speaks_curve_and_stops_when_the_addon_is_disabled(addon, tmp_path):
     import sys
     from pathlib import Path
 
     import addon_utils
     from conftest import ADDON_MODULE
+    from dreamflow_protocol.keys import create_keys
 
+    keys = create_keys(tmp_path / "keys")
     prefs = bpy.context.preferences.addons[ADDON_MODULE].preferences
     prefs.address = f"tcp://127.0.0.1:{free_port()}"
     prefs.start_local = True
     prefs.backend_executable = "/nonexistent/dreamflow"
     with pytest.raises(RuntimeError, match="not found"):
         bpy.ops.dreamflow.connect()
+    prefs.server_key_file = str(keys / "server.key")
+    with pytest.raises(RuntimeError, match="both the server public key and the client secret key"):
+        bpy.ops.dreamflow.connect()
+    prefs.client_key_file = str(keys / "client.key_secret")
     prefs.backend_executable = str(Path(sys.executable).with_name("dreamflow"))
-    prefs.backend_arguments = f"serve --bind {{address}} --store {tmp_path / 'store'}"
+    prefs.backend_arguments = f"serve --bind {{address}} --store {tmp_path / 'store'} --keys {keys}"
     assert bpy.ops.dreamflow.connect() == {"FINISHED"}
     process = addon.live.local_backend.process
     state = bpy.context.window_manager.dreamflow
     pump(addon, lambda: state.connection == "CONNECTED" and state.server_info, timeout=90)
     assert process.poll() is None and "cpu" in state.server_info
+    assert addon.live.get_session().client.capabilities["auth"] == "curve"
     addon_utils.disable(ADDON_MODULE, default_set=True)      # unregister stops what it started
     assert process.poll() is not None

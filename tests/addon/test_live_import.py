@@ -112,3 +112,34 @@ def test_mesh_apply_is_all_or_nothing(addon):
         else:
             raise AssertionError("a broken mesh was accepted")
         assert (obj.data.name, len(bpy.data.meshes), len(bpy.data.images)) == before
+
+
+def test_drain_respects_its_budget_and_skips_superseded_meshes(addon, server, monkeypatch):
+    """Events wait in the queue until drained; a zero time budget applies one per call, and a
+    batch applies only the newest of several in-progress meshes of one job."""
+    import time
+
+    point_at(server.endpoint)
+    s = bpy.context.scene.dreamflow
+    s.prompt = "queued up"
+    s.preset = "smoke"
+    s.extra_overrides = "stage1.steps=8"
+    bpy.ops.dreamflow.generate()
+    job = s.jobs[0]
+    pump(addon, lambda: not job.job_id.startswith("pending-"), timeout=10)
+    client = addon.live.get_session().client
+    deadline = time.monotonic() + 20
+    while client.last_seq(job.job_id) is None or client._events.qsize() < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert addon.live.drain_and_apply(bpy.context.scene, max_messages=100, time_budget_s=0.0) == 1
+    assert addon.live.drain_and_apply(bpy.context.scene, max_messages=100, time_budget_s=0.0) == 1
+    while client.last_seq(job.job_id) is None or not any(m.type == "job_done" for m in list(client._events.queue)):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    built = []
+    real_apply = addon.importer.apply_mesh
+    monkeypatch.setattr(addon.importer, "apply_mesh", lambda *a, **k: built.append(k["step"]) or real_apply(*a, **k))
+    addon.live.drain_and_apply(bpy.context.scene, max_messages=1000, time_budget_s=60.0)
+    assert job.state == "done"
+    assert built == [8]                 # steps 2, 4, 6 and the in-progress 8 were superseded by the final mesh
