@@ -86,31 +86,62 @@ def check_image(image: Any, what: str = "image") -> np.ndarray:
     return np.ascontiguousarray(t)
 
 
+def triangle_edges(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The unique edges of a triangle list and each corner's edge index (corner i: i -> next corner).
+
+    A sort of 64-bit (low, high) vertex keys; about twice as fast as Blender's own edge
+    calculation on a 200,000-triangle mesh, which dominated the import time.
+    """
+    a = faces.ravel()
+    b = faces[:, [1, 2, 0]].ravel()
+    lo = np.minimum(a, b)
+    hi = np.maximum(a, b)
+    key = (lo.astype(np.int64) << 32) | hi.astype(np.int64)
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    first_of_run = np.empty(len(sorted_key), dtype=bool)
+    first_of_run[0] = True
+    np.not_equal(sorted_key[1:], sorted_key[:-1], out=first_of_run[1:])
+    corner_edge = np.empty(len(sorted_key), dtype=np.int32)
+    corner_edge[order] = np.cumsum(first_of_run, dtype=np.int32) - 1
+    first = order[first_of_run]
+    edge_verts = np.empty((len(first), 2), dtype=np.int32)
+    edge_verts[:, 0] = lo[first]
+    edge_verts[:, 1] = hi[first]
+    return edge_verts, corner_edge
+
+
 def build_mesh(name: str, vertices: np.ndarray, faces: np.ndarray, normals: np.ndarray | None = None,
                uvs: np.ndarray | None = None, custom_normals: bool = False) -> bpy.types.Mesh:
     """A new Mesh datablock from checked arrays, built with ``foreach_set`` and validated.
 
-    Positions and corner vertices go straight into the generic attributes (one memory copy each);
+    Positions, corner vertices, edges and corner edges go straight into Blender's generic
+    attributes (one memory copy each; edges computed with numpy, see :func:`triangle_edges`);
     faces are smooth-shaded (no ``sharp_face`` attribute), so Blender's own vertex normals, which
     match the backend's for a closed surface, are used. ``custom_normals`` additionally stores
     the received normals as custom normals (costs about as much as the rest of the build).
     On any failure the half-built datablock is removed and the error re-raised.
     """
+    edge_verts, corner_edge = triangle_edges(faces)
     mesh = bpy.data.meshes.new(name)
     try:
         n_v, n_f = len(vertices), len(faces)
         mesh.vertices.add(n_v)
+        mesh.edges.add(len(edge_verts))
         mesh.loops.add(3 * n_f)
         mesh.polygons.add(n_f)
-        mesh.attributes["position"].data.foreach_set("vector", vertices.ravel())
-        mesh.attributes[".corner_vert"].data.foreach_set("value", faces.ravel())
+        attrs = mesh.attributes
+        attrs["position"].data.foreach_set("vector", vertices.ravel())
+        attrs[".edge_verts"].data.foreach_set("value", edge_verts.ravel())
+        attrs[".corner_vert"].data.foreach_set("value", faces.ravel())
+        attrs[".corner_edge"].data.foreach_set("value", corner_edge)
         mesh.polygons.foreach_set("loop_start", np.arange(0, 3 * n_f, 3, dtype=np.int32))
         if uvs is not None:
             layer = mesh.uv_layers.new(name="UVMap")
             # Per-corner UVs gathered from the per-vertex ones: seams are already split vertices.
             layer.uv.foreach_set("vector", uvs[faces.ravel()].ravel())
-        mesh.update(calc_edges=True)
-        if len(mesh.vertices) != n_v or len(mesh.polygons) != n_f or len(mesh.loops) != 3 * n_f:
+        mesh.update()
+        if (len(mesh.vertices), len(mesh.edges), len(mesh.polygons), len(mesh.loops)) != (n_v, len(edge_verts), n_f, 3 * n_f):
             raise ImportError_("Blender rejected the mesh data (element counts changed while building)")
         if normals is not None and custom_normals:
             mesh.normals_split_custom_set_from_vertices(normals)

@@ -143,3 +143,34 @@ def test_drain_respects_its_budget_and_skips_superseded_meshes(addon, server, mo
     addon.live.drain_and_apply(bpy.context.scene, max_messages=1000, time_budget_s=60.0)
     assert job.state == "done"
     assert built == [8]                 # steps 2, 4, 6 and the in-progress 8 were superseded by the final mesh
+
+
+def test_built_mesh_matches_blenders_own_construction(addon):
+    """The attribute fast path gives the same mesh as Blender's from_pydata, and validates clean."""
+    from scripted_server import scripted_mesh
+
+    arrays = scripted_mesh(3)
+    arrays["faces"] = arrays["faces"][np.random.default_rng(0).permutation(len(arrays["faces"]))]
+    fast = addon.importer.build_mesh("fast", arrays["vertices"], arrays["faces"], uvs=arrays["uvs"])
+    ref = bpy.data.meshes.new("ref")
+    ref.from_pydata(arrays["vertices"].tolist(), [], arrays["faces"].tolist())
+
+    def edge_set(mesh):
+        e = np.empty(len(mesh.edges) * 2, np.int32)
+        mesh.edges.foreach_get("vertices", e)
+        return set(map(tuple, np.sort(e.reshape(-1, 2), axis=1)))
+
+    def corner_edges_as_pairs(mesh):
+        ce = np.empty(len(mesh.loops), np.int32)
+        mesh.loops.foreach_get("edge_index", ce)
+        e = np.empty(len(mesh.edges) * 2, np.int32)
+        mesh.edges.foreach_get("vertices", e)
+        return np.sort(e.reshape(-1, 2)[ce], axis=1)
+
+    assert edge_set(fast) == edge_set(ref)
+    assert np.array_equal(corner_edges_as_pairs(fast), corner_edges_as_pairs(ref))
+    assert fast.validate(verbose=False) is False          # nothing for Blender to fix
+    uv = np.empty(len(fast.loops) * 2, np.float32)
+    fast.uv_layers.active.uv.foreach_get("vector", uv)
+    assert np.array_equal(uv.reshape(-1, 2), arrays["uvs"][arrays["faces"].ravel()])
+    assert all(p.use_smooth for p in fast.polygons)
