@@ -92,3 +92,21 @@ def test_serve_command_runs_and_refuses_public_binds_without_keys(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0
+
+
+def test_submit_sends_an_input_mesh_file_for_refinement(make_server, tmp_path, capsys):
+    import numpy as np
+    import trimesh
+
+    runner = StepRunner(steps=1)
+    srv = make_server(runner=runner)
+    box = trimesh.creation.box(extents=(1.0, 2.0, 0.5))
+    box.export(tmp_path / "box.obj")
+    assert main(["submit", "refine the box", "--preset", "smoke", "--mesh", str(tmp_path / "box.obj"), "--start-stage",
+                 "texture", "--start-t", "0.35", "--wait", "--connect", srv.endpoint]) == 0
+    call = runner.calls[0]
+    assert call["start_stage"] == "texture" and abs(call["start_t"] - 0.35) < 1e-9
+    mesh = call["input_mesh"]
+    assert len(mesh.faces) == 12 and np.allclose(np.ptp(mesh.vertices, axis=0), (1.0, 2.0, 0.5))
+    assert main(["submit", "x", "--mesh", str(tmp_path / "missing.obj"), "--connect", srv.endpoint]) == 1
+    assert "cannot read mesh" in capsys.readouterr().err

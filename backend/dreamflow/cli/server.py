@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=8, help="jobs that may wait; beyond it submit answers busy")
     p.add_argument("--keys", default=None, help="CURVE key folder from `dreamflow keys` (required off loopback)")
     p.add_argument("--max-frame-mb", type=int, default=512, help="largest array frame accepted, in MiB")
+    p.add_argument("--keep-jobs", type=int, default=100, help="finished jobs kept in the store; older ones are deleted (0: all)")
+    p.add_argument("--keep-days", type=float, default=30.0, help="days a finished job is kept (0: no age limit)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_serve)
 
@@ -104,7 +106,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_frame_bytes=args.max_frame_mb * 1024 * 1024,
                     max_message_bytes=max(Limits().max_message_bytes, 2 * args.max_frame_mb * 1024 * 1024))
     try:
-        server = Server(args.store, args.bind, max_queue=args.max_queue, limits=limits, keys=args.keys)
+        server = Server(args.store, args.bind, max_queue=args.max_queue, limits=limits, keys=args.keys,
+                        keep_jobs=args.keep_jobs or None, keep_days=args.keep_days or None)
         endpoint = server.open()
     except (ServerConfigError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -148,6 +151,10 @@ def _load_mesh(path: str) -> dict[str, Any]:
     uv = getattr(mesh.visual, "uv", None)
     if uv is not None and len(uv) == len(mesh.vertices):
         arrays["uvs"] = np.ascontiguousarray(uv, dtype=np.float32)
+        material = getattr(mesh.visual, "material", None)
+        image = getattr(material, "baseColorTexture", None) or getattr(material, "image", None)
+        if image is not None:  # a PIL image (PBR base colour or a simple material's map)
+            arrays["texture"] = np.ascontiguousarray(np.asarray(image.convert("RGB")), dtype=np.uint8)
     return arrays
 
 
