@@ -41,9 +41,12 @@ def finished_job(store: Path) -> str:
 def live(tmp_path_factory):
     """A server process whose queue takes no jobs (a valid submit is answered busy), with one finished job."""
     store = tmp_path_factory.mktemp("fuzz") / "store"
+    stale = finished_job(store)
+    JobStore(store).get(stale).save_state(finished=time.time() - 40 * 86400)  # past --keep-days
     job = finished_job(store)
-    proc, endpoint = serve(store, "--max-queue", "0", "--max-frame-mb", "1", "--log-level", "warning")
-    yield proc, endpoint, job
+    proc, endpoint = serve(store, "--max-queue", "0", "--max-frame-mb", "1", "--log-level", "warning", "--keep-days", "30",
+                           "--keep-jobs", "5")
+    yield proc, endpoint, job, stale
     err = stop(proc)
     assert proc.returncode == 0, err
 
@@ -72,7 +75,7 @@ def expected_error(frames: list[bytes]) -> str | None:
 
 
 def test_fuzzed_requests_each_get_one_answer_naming_the_problem(live):
-    proc, endpoint, job = live
+    proc, endpoint, job, _ = live
     peer = RawPeer(endpoint)
     ran = [0]
 
@@ -97,7 +100,7 @@ def test_fuzzed_requests_each_get_one_answer_naming_the_problem(live):
 
 
 def test_named_errors_for_nan_meshes_versions_unknown_jobs_and_traversal(live):
-    proc, endpoint, job = live
+    proc, endpoint, job, _ = live
     peer = RawPeer(endpoint)
     try:
         nan = cube_arrays()
@@ -146,7 +149,7 @@ def _hostile_batch(job: str, i: int) -> list[list]:
 
 
 def test_memory_settles_under_thousands_of_bad_requests_and_vanishing_peers(live):
-    proc, endpoint, job = live
+    proc, endpoint, job, _ = live
     ctx = zmq.Context.instance()
 
     def round_of(n: int) -> int:
@@ -196,3 +199,20 @@ class _Pinger:
         start = time.perf_counter()
         assert self.peer.ask(encode(msg), msg.id).type == "pong"
         return time.perf_counter() - start
+
+
+def test_the_serve_command_applies_its_retention_flags_at_start(live):
+    proc, endpoint, job, stale = live
+    store_jobs = Path(proc.args[proc.args.index("--store") + 1]) / "jobs"
+    peer = RawPeer(endpoint)
+    try:
+        gone = Message("status", job=stale)
+        assert peer.ask(encode(gone), gone.id).fields["message"] == f"unknown job {stale}"
+        kept = Message("status", job=job)
+        assert peer.ask(encode(kept), kept.id).fields["job_status"]["state"] == "done"
+    finally:
+        peer.close()
+    deadline = time.monotonic() + 10
+    while (store_jobs / stale).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (store_jobs / stale).exists() and (store_jobs / job).is_dir()

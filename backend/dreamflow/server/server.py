@@ -46,6 +46,8 @@ log = logging.getLogger("dreamflow.server")
 TERMINAL_EVENT_STATES = {"job_done": "done", "cancelled": "cancelled", "error": "failed"}
 #: Events replayed from disk per subscriber per loop turn (keeps the loop responsive).
 _PUMP_BATCH = 16
+#: Seconds between retention sweeps when no job finishes (keep_days applies to idle servers too).
+_PRUNE_EVERY = 600.0
 
 
 class ServerConfigError(RuntimeError):
@@ -84,10 +86,17 @@ class Server:
 
     def __init__(self, store: str | Path, bind: str = "tcp://127.0.0.1:5555", *, max_queue: int = 8,
                  runner: Runner | None = None, limits: Limits = DEFAULT_LIMITS, keys: str | Path | None = None,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, keep_jobs: int | None = None, keep_days: float | None = None) -> None:
         if not is_loopback(bind) and keys is None:
             raise ServerConfigError(f"refusing to bind {bind}: it is reachable from other machines, and remote use needs "
                                     f"authentication; make keys with `dreamflow keys --out DIR` and pass --keys DIR")
+        if keep_jobs is not None and keep_jobs < 1:
+            raise ServerConfigError(f"keep_jobs must be at least 1 (got {keep_jobs}); use None to keep every job")
+        if keep_days is not None and not keep_days > 0:
+            raise ServerConfigError(f"keep_days must be positive (got {keep_days}); use None to keep jobs of any age")
+        self.keep_jobs, self.keep_days = keep_jobs, keep_days
+        self._pruned_at = 0.0
+        self._prune_wanted = False
         self.store = JobStore(store)
         self.limits = limits
         self.max_queue = max_queue
@@ -130,6 +139,7 @@ class Server:
         for repair in self.store.repairs:
             log.warning("store: %s", repair)
         self._requeue_unfinished()
+        self._prune()
         self.capabilities()  # imports torch and the pipeline now, not while the first client waits
         self.worker.start()
         log.info("DreamFlow server %s listening on %s (store %s, auth %s)", self.server_id[:8], self.endpoint,
@@ -202,6 +212,9 @@ class Server:
                     self._read_requests(sock)
                 self._broadcast(sock)
                 self._pump(sock)
+                if self._prune_wanted or time.monotonic() - self._pruned_at > _PRUNE_EVERY:
+                    self._prune_wanted = False
+                    self._prune()
         finally:
             self._shutdown()
 
@@ -415,6 +428,8 @@ class Server:
             except queue.Empty:
                 return
             frames = None
+            if msg.type in TERMINAL_EVENT_STATES:
+                self._prune_wanted = True  # a job finished: the store may now hold more than it should keep
             for (peer, job_id), sub in list(self._subs.items()):
                 if job_id != job.job_id or sub.cursor != msg.seq:
                     continue  # another job, or a subscriber that is behind (the pump feeds it from disk)
@@ -464,6 +479,19 @@ class Server:
                 self._subs.pop(key, None)
                 text = f"{exc}; later events can be requested with subscribe from_seq={sub.cursor + 1}"
                 self._send(sock, key[0], Message("error", {"message": text[:4096], "code": "corrupt_job"}, job=key[1]))
+
+    def _prune(self) -> None:
+        """Apply the retention settings (oldest finished jobs first); jobs being replayed are kept for now."""
+        self._pruned_at = time.monotonic()
+        if self.keep_jobs is None and self.keep_days is None:
+            return
+        try:
+            deleted = self.store.prune(self.keep_jobs, self.keep_days, protect={job for _, job in self._subs})
+        except OSError as exc:
+            log.error("retention: could not delete old jobs: %s", exc)
+            return
+        for job_id in deleted:
+            log.info("retention: deleted finished job %s (keep %s jobs, %s days)", job_id, self.keep_jobs, self.keep_days)
 
     def _advance(self, key: tuple[bytes, str], sub: _Sub, sent: Message) -> None:
         """Move a subscriber past an event it was sent; after a terminal event it is done."""

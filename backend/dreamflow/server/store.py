@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 import threading
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import msgpack
 import numpy as np
@@ -316,3 +317,39 @@ class JobStore:
 
     def __iter__(self) -> Iterator[JobRecord]:
         return iter(self.all())
+
+    def prune(self, keep_jobs: int | None = None, keep_days: float | None = None, protect: Iterable[str] = (),
+              now: float | None = None) -> list[str]:
+        """Delete the oldest finished jobs beyond ``keep_jobs`` and those finished over ``keep_days`` ago.
+
+        Queued and running jobs are never deleted, nor those in ``protect`` (e.g. being replayed);
+        ``None`` means no limit. Returns the deleted job ids, oldest first.
+        """
+        now = time.time() if now is None else now
+        protected = set(protect)
+        with self._lock:
+            finished = [j for j in self._jobs.values() if j.state.get("state") in TERMINAL_STATES]
+        finished.sort(key=lambda j: (j.state.get("finished") or j.state.get("updated") or 0.0, j.job_id))
+        doomed = []
+        for rank, job in enumerate(finished):
+            newer = len(finished) - rank - 1  # finished jobs newer than this one
+            ended = job.state.get("finished") or job.state.get("updated") or 0.0
+            too_many = keep_jobs is not None and newer >= keep_jobs
+            too_old = keep_days is not None and now - ended > keep_days * 86400.0
+            if (too_many or too_old) and job.job_id not in protected:
+                doomed.append(job)
+        for job in doomed:
+            with self._lock:
+                self._jobs.pop(job.job_id, None)
+            # Renamed at once (a folder open() ignores, so a crash never leaves half a job); the
+            # slow part, deleting the files, runs on its own thread so no caller waits for it.
+            os.replace(job.folder, job.folder.with_name(f".deleted-{job.job_id}"))
+        trash = list(self.jobs_dir.glob(".deleted-*"))  # this prune's, and any a crash left behind
+        if trash:
+            threading.Thread(target=_remove_folders, args=(trash,), name="dreamflow-store-prune", daemon=True).start()
+        return [job.job_id for job in doomed]
+
+
+def _remove_folders(folders: list[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
