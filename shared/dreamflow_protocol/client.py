@@ -82,7 +82,7 @@ class Client:
         self._connected = threading.Event()
         self._server_id: str | None = None
         self._thread: threading.Thread | None = None
-        self.dropped: list[str] = []         # malformed messages the server sent (should stay empty)
+        self.dropped: list[str] = []         # why the last malformed messages from the server were dropped
 
     # ----------------------------------------------------------------------------------- life
 
@@ -332,7 +332,7 @@ class Client:
         try:
             msg = decode(frames, self.limits)
         except ProtocolError as exc:
-            self.dropped.append(str(exc))
+            self.dropped = [*self.dropped[-99:], str(exc)]  # the last 100, for diagnosis
             return
         if msg.type in ("pong", "capabilities"):
             server_id = msg.fields["server_id"]

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import statistics
-import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
