@@ -22,14 +22,7 @@ _CLASSES = (*properties.CLASSES, properties.DreamFlowPreferences, *operators.CLA
 def _on_file_loaded(_filepath: str) -> None:
     """A reopened file's unfinished jobs are detached until the artist reattaches them."""
     live.close_session()
-    for scene in bpy.data.scenes:
-        settings = getattr(scene, "dreamflow", None)
-        if settings is None:
-            continue
-        for job in settings.jobs:
-            if job.state not in properties.TERMINAL_STATES:
-                job.state = "detached"
-                job.message = "reopened: press Reattach to follow this job again"
+    live.detach_unfinished_jobs("reopened: press Reattach to follow this job again")
 
 
 def register() -> None:

@@ -166,13 +166,24 @@ def get_session(create: bool = True) -> Session | None:
 
 
 def close_session() -> None:
-    """Close the current session (its threads stop)."""
+    """Close the current session (its threads stop); unfinished jobs become detached (reattachable)."""
     global _session, _session_key
     if _session is not None:
         _session.close()
+        detach_unfinished_jobs("not followed any more: press Reattach to follow this job again")
     _session = None
     _session_key = None
     _held.clear()
+
+
+def detach_unfinished_jobs(message: str) -> None:
+    """Mark every file's unfinished jobs as detached: no session follows them until Reattach."""
+    for scene in bpy.data.scenes:
+        settings = getattr(scene, "dreamflow", None)
+        for job in settings.jobs if settings is not None else ():
+            if job.state not in TERMINAL_STATES and not job.job_id.startswith("pending-"):
+                job.state = "detached"
+                job.message = message
 
 
 # ------------------------------------------------------------------------------ the drain
