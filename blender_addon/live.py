@@ -217,7 +217,8 @@ def _apply_events(scene: bpy.types.Scene, session: Session, max_messages: int, t
     s = settings(scene)
     start = time.perf_counter()
     now = time.monotonic()
-    batch = [m for _, m in _held] + session.poll_events(max_messages)
+    timed = list(_held) + [(now, m) for m in session.poll_events(max_messages)]
+    batch = [m for _, m in timed]
     _held.clear()
     # A non-final mesh is superseded by a later mesh of the same job in the same batch: skip the
     # older one (its seq is still recorded), so a slow UI catches up instead of falling behind.
@@ -229,10 +230,10 @@ def _apply_events(scene: bpy.types.Scene, session: Session, max_messages: int, t
     for i, msg in enumerate(batch):
         job = s.find_job(str(msg.job))
         if job is None:
-            _held.append((now, msg))
+            _held.append(timed[i])
             continue
         if applied and time.perf_counter() - start > time_budget_s:
-            _held.extend((now, m) for m in batch[i:])
+            _held.extend(timed[i:])
             break
         if msg.seq is not None and msg.seq <= job.last_seq:
             continue  # already applied before this file was saved and reopened
