@@ -9,7 +9,7 @@ import bpy
 import numpy as np
 import pytest
 import zmq
-from conftest import ServerProcess, free_port, point_at, pump
+from addon_helpers import ServerProcess, free_port, point_at, pump
 from dreamflow_protocol import Message, decode, encode
 
 
@@ -164,7 +164,7 @@ def test_local_backend_starts_with_connect_speaks_curve_and_stops_when_the_addon
     from pathlib import Path
 
     import addon_utils
-    from conftest import ADDON_MODULE
+    from addon_helpers import ADDON_MODULE
     from dreamflow_protocol.keys import create_keys
 
     keys = create_keys(tmp_path / "keys")

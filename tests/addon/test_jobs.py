@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bpy
 import numpy as np
-from conftest import point_at, pump
+from addon_helpers import point_at, pump
 from dreamflow_protocol import Client
 
 

@@ -74,7 +74,7 @@ def test_override_values_and_addresses_parse():
 
 def test_timer_survives_a_broken_scene(addon, server, monkeypatch):
     """The UI timer swallows any failure in the drain and keeps polling."""
-    from conftest import point_at
+    from addon_helpers import point_at
 
     point_at(server.endpoint)
     addon.live.get_session()

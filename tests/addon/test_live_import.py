@@ -7,7 +7,7 @@ import zipfile
 
 import bpy
 import numpy as np
-from conftest import ADDON_MODULE, REPO_DIR, point_at, pump
+from addon_helpers import ADDON_MODULE, REPO_DIR, point_at, pump
 
 
 def test_built_zip_installs_with_blenders_installer_and_enables(installed):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bpy
 import pytest
-from conftest import point_at, pump
+from addon_helpers import point_at, pump
 
 
 def _stage1_only(s, steps: int) -> None:

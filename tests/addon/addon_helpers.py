@@ -1,0 +1,88 @@
+"""Helpers of the add-on tests (a module of its own so test files import it by a unique name).
+
+Blender's user folders point into a temporary directory before ``bpy`` is imported, so the tests
+never touch the user's own Blender configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+USER_DIR = tempfile.mkdtemp(prefix="dreamflow-blender-user-")
+os.environ["BLENDER_USER_RESOURCES"] = USER_DIR
+
+import bpy  # noqa: E402  (after the environment above)
+
+ROOT = Path(__file__).resolve().parents[2]
+REPO_MODULE = "dreamflow_test"
+ADDON_MODULE = f"bl_ext.{REPO_MODULE}.dreamflow"
+REPO_DIR = os.path.join(USER_DIR, "dreamflow_test_repo")
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def add_repo() -> None:
+    """The temporary user extensions repository the tests install into."""
+    repos = bpy.context.preferences.extensions.repos
+    if not any(r.module == REPO_MODULE for r in repos):
+        repos.new(name="DreamFlow tests", module=REPO_MODULE, custom_directory=REPO_DIR, source="USER")
+
+
+class ServerProcess:
+    """A scripted DreamFlow server in a child process (real Server, scripted pipeline)."""
+
+    def __init__(self, store: Path, port: int | None = None, step_seconds: float = 0.05) -> None:
+        self.port = port or free_port()
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.store = store
+        self.step_seconds = step_seconds
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "ServerProcess":
+        """Start it (output to a log file beside its store) and wait until it answers a hello."""
+        from dreamflow_protocol import Client
+
+        self.store.mkdir(parents=True, exist_ok=True)
+        log = open(self.store.with_name(self.store.name + f"-{self.port}.log"), "ab")
+        self.proc = subprocess.Popen([PYTHON, str(Path(__file__).with_name("scripted_server.py")), "--bind", self.endpoint,
+                                      "--store", str(self.store), "--step-seconds", str(self.step_seconds)],
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        with Client(self.endpoint, timeout=60) as client:
+            assert client.capabilities["protocol"] == 1
+        return self
+
+    def kill(self) -> None:
+        """Stop it at once (a vanished backend)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def point_at(endpoint: str) -> None:
+    """Set the add-on's backend address."""
+    bpy.context.preferences.addons[ADDON_MODULE].preferences.address = endpoint
+
+
+def pump(module, until, timeout: float = 20.0, scene=None) -> None:
+    """Call the add-on's drain function (timers never fire in background mode) until ``until()``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        module.live.drain_and_apply(scene or bpy.context.scene)
+        if until():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"condition not reached within {timeout} s; last error: "
+                         f"{bpy.context.window_manager.dreamflow.last_error!r}")
