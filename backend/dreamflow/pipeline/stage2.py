@@ -353,16 +353,17 @@ def run_geometry_stage(ctx: JobContext) -> None:
     problem = GeometryProblem(dmtet, cfg.resolution, cfg.lr, cfg.normal_consistency_weight, cfg.laplacian_weight)
     colour = colour_source(ctx)
     pcam = Cameras.make(device=ctx.device, **PREVIEW_CAMERA)
-    small_tex = min(ctx.config.export.texture_size, 256)
 
     def preview() -> torch.Tensor:
         v, f = dmtet.mesh()
         return render_mesh(v.detach(), f, pcam, cfg.resolution, mode="normal", background=NORMAL_BACKGROUND).image
 
     def mesh() -> MeshData:
+        # Live meshes while the shape changes are untextured: a UV unwrap of a 30k-face surface
+        # costs seconds, the final one is unwrapped once and that layout serves stages 2b and 3.
         with torch.no_grad():
             v, f = dmtet.mesh()
-        return textured_mesh(v, f, colour, small_tex)
+        return surface_mesh(v, f)
 
     history = run_loop(ctx, GEOMETRY, problem, method_cfg, cfg.steps, cfg.views_per_iteration, prior, score_model,
                        cond, cfg.cameras, cfg.preview_every, preview, cfg.mesh_every, mesh)
@@ -373,6 +374,7 @@ def run_geometry_stage(ctx: JobContext) -> None:
     f = torch.as_tensor(surface.faces, device=ctx.device).long()
     ctx.cache["surface"] = (v, f, None)
     final = textured_mesh(v, f, colour, ctx.config.export.texture_size)
+    ctx.cache["layout"] = final
     finish_stage(ctx, GEOMETRY, start, len(history), final, history, score_name)
 
 
@@ -406,6 +408,8 @@ def run_colour_stage(ctx: JobContext, stage: str, cfg: TextureStageConfig, prior
     problem = TextureProblem(v, f, field, cfg.resolution, cfg.lr_grid, cfg.lr_mlp, lr_geometry)
     pcam = Cameras.make(device=ctx.device, **PREVIEW_CAMERA)
     layout: dict[str, MeshData] = {}
+    if "layout" in ctx.cache:
+        layout["m"] = ctx.cache["layout"]
     tex_size = ctx.config.export.texture_size
 
     def preview() -> torch.Tensor:
@@ -429,6 +433,7 @@ def run_colour_stage(ctx: JobContext, stage: str, cfg: TextureStageConfig, prior
     if problem.offsets is not None:
         ctx.cache["surface"] = (problem.vertices().detach(), f, uvs)
     final = mesh(tex_size)
+    ctx.cache["layout"] = final
     finish_stage(ctx, stage, start, len(history), final, history, score_name)
 
 
