@@ -273,11 +273,13 @@ def apply_texture(obj: bpy.types.Object, texture: np.ndarray, job_id: str) -> bp
 
 
 def apply_mesh(scene: bpy.types.Scene, job_id: str, arrays: Mapping[str, Any], object_name: str = "",
-               object_id: str = "", stage: str = "", step: int = -1, final: bool = False) -> bpy.types.Object:
+               object_id: str = "", stage: str = "", step: int = -1, final: bool = False,
+               custom_normals: bool = False) -> bpy.types.Object:
     """Apply one mesh message in place: the job's Object gets a freshly built Mesh (and texture).
 
     The Object is found by ``object_id`` (a refinement of an artist's object), else by job id,
     else created. Transforms, modifiers, selection and materials of an existing Object survive.
+    ``custom_normals`` stores the received normals as custom normals.
     """
     checked = check_mesh_arrays(arrays)
     obj = find_object_by_id(object_id) if object_id else None
@@ -286,7 +288,7 @@ def apply_mesh(scene: bpy.types.Scene, job_id: str, arrays: Mapping[str, Any], o
     if obj is not None and obj.type != "MESH":
         raise ImportError_(f"object {obj.name!r} is not a mesh object")
     mesh = build_mesh(f"DreamFlow {job_id[:8]}", checked["vertices"], checked["faces"],
-                      checked.get("normals"), checked.get("uvs"))
+                      checked.get("normals"), checked.get("uvs"), custom_normals)
     mesh["dreamflow_stage"] = stage
     mesh["dreamflow_step"] = int(step)
     mesh["dreamflow_final"] = bool(final)

@@ -39,6 +39,7 @@ class Defaults:
     timeout = 10.0
     heartbeat = 1.0
     poll_interval = 0.1
+    custom_normals = False
     start_local = False
     backend_executable = "dreamflow"
     backend_arguments = "serve --bind {address}"
@@ -340,7 +341,7 @@ def _apply_event(scene: bpy.types.Scene, job: Any, msg: Any) -> None:
     elif msg.type == "mesh":
         obj = importer.apply_mesh(scene, job.job_id, msg.arrays, object_name=job.object_name,
                                   object_id=f.get("object_id") or job.object_id, stage=f["stage"], step=int(f["step"]),
-                                  final=bool(f.get("final")))
+                                  final=bool(f.get("final")), custom_normals=bool(preferences().custom_normals))
         job.object_name = obj.name
         job.object_id = importer.ensure_object_id(obj)
         job.stage = f["stage"]

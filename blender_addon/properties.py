@@ -155,6 +155,9 @@ class DreamFlowPreferences(bpy.types.AddonPreferences):
     heartbeat: FloatProperty(name="Heartbeat (s)", default=1.0, min=0.1, max=60.0,
                              description="How often the connection is checked; lost after three silent beats")
     poll_interval: FloatProperty(name="UI update interval (s)", default=0.1, min=0.02, max=5.0)
+    custom_normals: BoolProperty(name="Use the backend's normals", default=False,
+                                 description="Store received normals as custom normals (slower import; Blender's "
+                                             "smooth normals match them on closed meshes)")
     start_local: BoolProperty(name="Start a local backend", default=False,
                               description="Run dreamflow serve on this machine when connecting, stop it on exit")
     backend_executable: StringProperty(name="Backend executable", subtype="FILE_PATH", default="dreamflow",
@@ -176,6 +179,7 @@ class DreamFlowPreferences(bpy.types.AddonPreferences):
         row.prop(self, "timeout")
         row.prop(self, "heartbeat")
         row.prop(self, "poll_interval")
+        layout.prop(self, "custom_normals")
         box = layout.box()
         box.prop(self, "start_local")
         col = box.column()

@@ -174,3 +174,16 @@ def test_built_mesh_matches_blenders_own_construction(addon):
     fast.uv_layers.active.uv.foreach_get("vector", uv)
     assert np.array_equal(uv.reshape(-1, 2), arrays["uvs"][arrays["faces"].ravel()])
     assert all(p.use_smooth for p in fast.polygons)
+
+
+def test_received_normals_become_custom_normals_when_asked(addon):
+    from scripted_server import scripted_mesh
+
+    arrays = scripted_mesh(1)
+    tilted = np.tile(np.array([0.6, 0.0, 0.8], np.float32), (len(arrays["vertices"]), 1))
+    plain = addon.importer.build_mesh("plain", arrays["vertices"], arrays["faces"], tilted)
+    custom = addon.importer.build_mesh("custom", arrays["vertices"], arrays["faces"], tilted, custom_normals=True)
+    for mesh, expected in ((plain, (0.0, 0.0, 1.0)), (custom, (0.6, 0.0, 0.8))):
+        n = np.empty(len(mesh.loops) * 3, np.float32)
+        mesh.corner_normals.foreach_get("vector", n)
+        assert np.allclose(n.reshape(-1, 3), expected, atol=1e-4)
