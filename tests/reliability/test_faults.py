@@ -289,3 +289,21 @@ def _default_runner():
     from dreamflow.server.worker import default_runner
 
     return default_runner
+
+
+def test_cancel_stops_a_real_job_within_one_optimisation_step(server_factory, client_factory):
+    srv = server_factory()
+    srv.server.worker.runner = _default_runner()
+    client = client_factory(srv.endpoint)
+    job = client.submit("cancel me", preset="smoke", seed=2, overrides=dict(TINY_REAL_JOB, **{"stage1.steps": 500}))
+    progress = collect(client, job, timeout=120, stop_when=lambda m: m.type == "progress" and m.fields["step"] >= 3)
+    steps = [m for m in progress if m.type == "progress"]
+    step_seconds = (steps[-1].fields["elapsed"] - steps[-2].fields["elapsed"])
+    start = time.monotonic()
+    assert client.cancel(job, reason="changed my mind")["state"] in ("cancelling", "cancelled")
+    rest = collect(client, job, timeout=60)
+    waited = time.monotonic() - start
+    assert rest[-1].type == "cancelled" and rest[-1].fields["reason"] == "changed my mind"
+    assert sum(m.type == "progress" for m in rest) <= 1, "more than the step in flight ran after the cancel"
+    assert waited < 2 * step_seconds + 1.0, f"cancel took {waited:.2f} s with {step_seconds:.2f} s steps"
+    assert client.status(job)["state"] == "cancelled" and not (srv.server.store.get(job).out_dir / "model.glb").exists()
