@@ -111,12 +111,12 @@ def surface_colours(mesh: MeshData, count: int = 50_000, seed: int = 0) -> tuple
     return pts.astype(np.float32), cols.astype(np.float32)
 
 
-def fit_field_to_texture(field: TextureField, mesh: MeshData, steps: int = 200, seed: int = 0) -> float:
+def fit_field_to_texture(field: TextureField, mesh: MeshData, steps: int = 100, seed: int = 0) -> float:
     """Start a colour field from a textured input mesh (regression on surface samples); final MSE."""
     pts, cols = surface_colours(mesh, seed=seed)
     dev = next(field.parameters()).device
     return field.fit(torch.as_tensor(pts, device=dev), torch.as_tensor(cols, device=dev), steps=steps,
-                     batch=8192, seed=seed)
+                     batch=4096, seed=seed)
 
 
 def prepare_input(ctx, start_stage: str) -> None:
