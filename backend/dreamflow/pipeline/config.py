@@ -122,6 +122,7 @@ class RefineStageConfig:
     grid: HashGridConfig = HashGridConfig()
     lr_grid: float = 1e-2
     lr_mlp: float = 1e-3
+    lr_geometry: float = 0.0          # > 0: per-vertex offsets also move (faces kept); 0 keeps the mesh exactly
     cameras: CameraRanges = CameraRanges()
     preview_every: int = 10
     mesh_every: int = 50

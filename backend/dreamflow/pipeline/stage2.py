@@ -36,7 +36,7 @@ from ..scene.cameras import CameraRanges, Cameras, CameraSampler
 from ..scene.dmtet import DMTet, laplacian_smoothness, normal_consistency
 from ..scene.texture_field import TextureField
 from .components import build_score_model, get_prior
-from .config import TextureStageConfig
+from .config import RefineStageConfig, TextureStageConfig
 from .context import JobContext, ProgressTimer, StageRecord
 from .metrics import chamfer_relative, held_out_cameras, psnr
 from .stage1 import to_uint8
@@ -397,8 +397,8 @@ def colour_stage_surface(ctx: JobContext) -> tuple[torch.Tensor, torch.Tensor, n
     return ctx.cache["surface"]
 
 
-def run_colour_stage(ctx: JobContext, stage: str, cfg: TextureStageConfig, prior: Prior, score_model: ScoreModel,
-                     score_name: str, lr_geometry: float = 0.0) -> None:
+def run_colour_stage(ctx: JobContext, stage: str, cfg: TextureStageConfig | RefineStageConfig, prior: Prior,
+                     score_model: ScoreModel, score_name: str, lr_geometry: float = 0.0) -> None:
     """2b and 3: tune the colour field on the fixed mesh and bake the result."""
     start = time.perf_counter()
     method_cfg = with_start(cfg.method, ctx.start_t)

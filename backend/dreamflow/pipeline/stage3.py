@@ -76,5 +76,6 @@ def run_refine_stage(ctx: JobContext) -> None:
     """Stage 3 runner: refine the colour field on the fixed mesh with the refiner prior."""
     prior = refiner_prior(ctx)
     score_model, score_name = refiner_score_model(ctx, prior)
-    run_colour_stage(ctx, REFINE, ctx.config.refine, prior, score_model, score_name)
+    cfg = ctx.config.refine
+    run_colour_stage(ctx, REFINE, cfg, prior, score_model, score_name, lr_geometry=cfg.lr_geometry)
 
