@@ -48,7 +48,7 @@ STAGES: list[tuple[str, str, StageRunner]] = [
 ]
 
 TURNTABLE_VIEWS = 8
-TURNTABLE_RESOLUTION = 128
+#: Default size of turntable tiles and evaluation views (``export.view_resolution`` sets it per job).
 EVAL_RESOLUTION = 128
 
 
@@ -122,6 +122,7 @@ def run_job(config: JobConfig, out_dir: Path, sink: EventSink, control: JobContr
             checkpoint_dir: Path | None = None) -> JobResult:
     """Run the enabled stages, write the asset and the report into ``out_dir``; raises Cancelled when told to stop."""
     start = time.perf_counter()
+    cpu_start = time.process_time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)
@@ -152,9 +153,10 @@ def run_job(config: JobConfig, out_dir: Path, sink: EventSink, control: JobContr
             files[p.name] = p.name
 
     cams = orbit(TURNTABLE_VIEWS, elevation_deg=20.0, distance=1.3, fovy_deg=50.0)
-    rows = [render_asset(ctx.mesh, cams, TURNTABLE_RESOLUTION, device)]
+    res = config.export.view_resolution
+    rows = [render_asset(ctx.mesh, cams, res, device)]
     if ctx.reference is not None:
-        rows.append(ctx.reference.render(cams, TURNTABLE_RESOLUTION)[0])
+        rows.append(ctx.reference.render(cams, res)[0])
     write_png(_grid(rows), out_dir / "turntable.png")
     files["turntable"] = "turntable.png"
     _loss_plot(ctx, out_dir / "loss.png")
@@ -163,17 +165,20 @@ def run_job(config: JobConfig, out_dir: Path, sink: EventSink, control: JobContr
     quality: dict[str, float | None] = {}
     if ctx.reference is not None:
         eval_cams = held_out_cameras()
-        ref = ctx.reference.render(eval_cams, EVAL_RESOLUTION)[0]
-        quality["psnr_db"] = _finite(psnr(render_asset(ctx.mesh, eval_cams, EVAL_RESOLUTION, device), ref))
+        ref = ctx.reference.render(eval_cams, res)[0]
+        quality["psnr_db"] = _finite(psnr(render_asset(ctx.mesh, eval_cams, res, device), ref))
         quality["chamfer_rel"] = _finite(chamfer_relative(ctx.mesh, ctx.reference.mesh))
         quality["eval_views"] = len(eval_cams)
-        quality["eval_resolution"] = EVAL_RESOLUTION
+        quality["eval_resolution"] = res
     report = {
         "prompt": config.prompt,
         "method": config.method,
         "prior": config.prior.kind,
         "device": str(device),
         "seconds_total": time.perf_counter() - start,
+        # CPU seconds of this process (all threads): on a shared machine the wall time above also
+        # counts other programs' turns, this does not.
+        "cpu_seconds_total": time.process_time() - cpu_start,
         "stages": {name: {"seconds": rec.seconds, "steps": len(rec.history),
                           "metrics": {k: _finite(v) for k, v in rec.metrics.items()}}
                    for name, rec in ctx.stages.items()},

@@ -113,6 +113,7 @@ def run_stage1(ctx: JobContext) -> None:
     cfg = ctx.config.stage1
     seed = ctx.config.seed
     start = time.perf_counter()
+    cpu_start = time.process_time()
     prior = get_prior(ctx)
     method_cfg = cfg.method
     if ctx.start_t is not None:
@@ -163,7 +164,7 @@ def run_stage1(ctx: JobContext) -> None:
     ctx.nerf = field
     ctx.render_views = problem.render_views
     metrics: dict[str, float] = {"occupied_fraction": problem.occupancy.occupied_fraction(),
-                                 "faces": float(len(mesh.faces))}
+                                 "faces": float(len(mesh.faces)), "cpu_seconds": time.process_time() - cpu_start}
     if ctx.reference is not None:
         cams = held_out_cameras()
         metrics["psnr_db"] = psnr(problem.render_views(cams, cfg.resolution),
