@@ -97,7 +97,7 @@ def triangle_edges(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lo = np.minimum(a, b)
     hi = np.maximum(a, b)
     key = (lo.astype(np.int64) << 32) | hi.astype(np.int64)
-    order = np.argsort(key, kind="stable")
+    order = np.argsort(key)  # introsort: the same ~20 ms whatever the face order (timsort: 2-70 ms)
     sorted_key = key[order]
     first_of_run = np.empty(len(sorted_key), dtype=bool)
     first_of_run[0] = True
@@ -200,10 +200,20 @@ def create_job_object(scene: bpy.types.Scene, job_id: str, name: str, mesh: bpy.
     return obj
 
 
+_pixel_buffers: dict[tuple[int, int], np.ndarray] = {}
+
+
 def texture_to_pixels(texture: np.ndarray) -> np.ndarray:
-    """uint8 (H, W, 3|4), row 0 on top -> flat float32 RGBA, bottom row first (Blender's layout)."""
+    """uint8 (H, W, 3|4), row 0 on top -> flat float32 RGBA, bottom row first (Blender's layout).
+
+    The float buffer is reused per image size (main thread only): a fresh 16 MB allocation per
+    update costs as much as the conversion itself. Its contents are valid until the next call.
+    """
     h, w, c = texture.shape
-    rgba = np.empty((h, w, 4), dtype=np.float32)
+    rgba = _pixel_buffers.get((h, w))
+    if rgba is None:
+        _pixel_buffers.clear()  # one live size at a time: a job's textures share a size
+        rgba = _pixel_buffers[(h, w)] = np.empty((h, w, 4), dtype=np.float32)
     np.multiply(texture[::-1], np.float32(1.0 / 255.0), out=rgba[:, :, :c], casting="unsafe")
     if c == 3:
         rgba[:, :, 3] = 1.0
