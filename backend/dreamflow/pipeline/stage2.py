@@ -214,7 +214,7 @@ def new_texture_field(cfg: TextureStageConfig, device: torch.device, seed: int =
 # -- running a stage inside a job -------------------------------------------------------------------
 GEOMETRY = "geometry"
 TEXTURE = "texture"
-#: Metrics of every mesh stage are measured like the job's final quality (job.EVAL_RESOLUTION).
+#: Metrics of every mesh stage are measured like the job's final quality (export.view_resolution when set).
 EVAL_RESOLUTION = 128
 
 
@@ -276,13 +276,14 @@ def evaluate(ctx: JobContext, mesh: MeshData) -> dict[str, float]:
     if ctx.reference is None or mesh.texture is None:
         return metrics
     cams = held_out_cameras()
+    res = int(getattr(ctx.config.export, "view_resolution", EVAL_RESOLUTION))
     v = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=ctx.device)
     f = torch.as_tensor(mesh.faces, dtype=torch.long, device=ctx.device)
     uv = torch.as_tensor(mesh.uvs, dtype=torch.float32, device=ctx.device)
     tex = torch.as_tensor(mesh.texture[..., :3], device=ctx.device).float() / 255.0
     with torch.no_grad():
-        img = render_mesh(v, f, cams.to(ctx.device), EVAL_RESOLUTION, uvs=uv, texture=tex, background=1.0).image
-    metrics["psnr_db"] = psnr(img.clamp(0, 1), ctx.reference.render(cams, EVAL_RESOLUTION)[0])
+        img = render_mesh(v, f, cams.to(ctx.device), res, uvs=uv, texture=tex, background=1.0).image
+    metrics["psnr_db"] = psnr(img.clamp(0, 1), ctx.reference.render(cams, res)[0])
     metrics["chamfer_rel"] = chamfer_relative(mesh, ctx.reference.mesh)
     return metrics
 
