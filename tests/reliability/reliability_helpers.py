@@ -48,9 +48,9 @@ def sample_messages() -> list[Message]:
     mesh = cube_arrays()
     return [
         Message("hello", {"client": "fuzz", "client_version": "1"}),
-        Message("capabilities", {"protocol": 1, "server_version": "0", "server_id": "s", "device": "cpu", "accelerators": {"cuda": False},
-                                 "presets": ["smoke"], "methods": ["apfo"], "start_stages": ["texture"], "limits": {"max_depth": 8},
-                                 "max_queue": 8, "auth": "none"}),
+        Message("capabilities", {"protocol": 1, "server_version": "0", "server_id": "s", "device": "cpu",
+                                 "accelerators": {"cuda": False}, "presets": ["smoke"], "methods": ["apfo"],
+                                 "start_stages": ["texture"], "limits": {"max_depth": 8}, "max_queue": 8, "auth": "none"}),
         Message("submit", {"prompt": "a chair", "negative_prompt": "blurry", "seed": 3, "method": "apfo", "preset": "smoke",
                            "overrides": {"stage1.steps": 2, "export.texture_size": 64}, "object_id": "Cube"}),
         Message("submit", {"prompt": "refine", "start_stage": "texture", "start_t": 0.3}, dict(mesh)),

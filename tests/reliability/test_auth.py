@@ -41,8 +41,8 @@ def test_loopback_endpoints_need_no_keys(endpoint):
 
 
 def test_serve_command_refuses_a_public_bind_without_keys_and_accepts_it_with_keys(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "dreamflow", "serve", "--bind", "tcp://0.0.0.0:0", "--store", str(tmp_path / "s")],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "dreamflow", "serve", "--bind", "tcp://0.0.0.0:0",
+                           "--store", str(tmp_path / "s")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stderr.startswith("error: refusing to bind tcp://0.0.0.0:0")
     assert "listening" not in done.stdout and not (tmp_path / "s").exists()
     keys = create_keys(tmp_path / "keys")

@@ -15,7 +15,8 @@ from dreamflow_protocol import Client, decode, encode
 
 CLIENT_CASES = 400
 CAPABILITIES = {"protocol": 1, "server_version": "0", "server_id": "fuzz", "device": "cpu", "accelerators": {},
-                "presets": ["smoke"], "methods": ["apfo"], "start_stages": ["texture"], "limits": {}, "max_queue": 1, "auth": "none"}
+                "presets": ["smoke"], "methods": ["apfo"], "start_stages": ["texture"], "limits": {}, "max_queue": 1,
+                "auth": "none"}
 
 
 def _serve_while(router: zmq.Socket, call: Callable[[], Any]) -> tuple[Any, bytes]:

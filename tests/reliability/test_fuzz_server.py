@@ -55,8 +55,9 @@ def request_seeds(job: str) -> list[list[bytes]]:
     """Valid requests (some aimed at the real job, some at an unknown one) and hostile ones, as frames."""
     mesh = cube_arrays()
     nan_mesh = dict(mesh, vertices=np.where(np.arange(24).reshape(8, 3) == 4, np.nan, mesh["vertices"]).astype(np.float32))
-    msgs = [Message("hello", {"client": "fuzz"}), Message("ping", {"t": 1.0}), Message("status"), Message("list_jobs", {"limit": 3}),
-            Message("status", job=job), Message("subscribe", {"from_seq": 1}, job=job), Message("fetch", {"names": ["model.glb"]}, job=job),
+    msgs = [Message("hello", {"client": "fuzz"}), Message("ping", {"t": 1.0}), Message("status"),
+            Message("list_jobs", {"limit": 3}), Message("status", job=job), Message("subscribe", {"from_seq": 1}, job=job),
+            Message("fetch", {"names": ["model.glb"]}, job=job),
             Message("cancel", {"reason": "x"}, job=job), Message("unsubscribe", job=job), Message("status", job=JOB),
             Message("submit", {"prompt": "a chair", "preset": "smoke"}), Message("submit", {"prompt": "p"}, mesh)]
     seeds = [frames_of(m) for m in msgs]
@@ -134,15 +135,17 @@ def test_named_errors_for_nan_meshes_versions_unknown_jobs_and_traversal(live):
 def _hostile_batch(job: str, i: int) -> list[list]:
     """A mix of bad requests, each a different way to be wrong; big frames included."""
     h = header(type="submit", fields={"prompt": "p"},
-               buffers=[{"name": "vertices", "dtype": "float32", "shape": [2**40, 3]}, {"name": "faces", "dtype": "int32", "shape": [1, 3]}])
+               buffers=[{"name": "vertices", "dtype": "float32", "shape": [2**40, 3]},
+                        {"name": "faces", "dtype": "int32", "shape": [1, 3]}])
     return [
         [pack(header())[: 5 + i % 20]],                                    # truncated msgpack
         [pack(header(v=i + 2))],                                           # wrong version
         [pack(header(type="status", job=f"{i:032x}"))],                    # unknown job
         [pack(header(fields={f"k{i}": "x" * 1000}))],                      # unknown field, long value
         [pack(h), b"\0" * 12, b"\0" * 12],                                 # a huge declared size
-        [pack(header(type="submit", fields={"prompt": "p"}, buffers=[{"name": "vertices", "dtype": "float32", "shape": [87382, 3]}])),
-         b"\0" * (87382 * 12)],                                            # a 1 MiB frame over the 1 MiB limit
+        [pack(header(type="submit", fields={"prompt": "p"},
+                     buffers=[{"name": "vertices", "dtype": "float32", "shape": [87382, 3]}])),
+         b"\0" * (87382 * 12)],                                            # a frame just over the 1 MiB limit
         [b"\x91" * 2000 + b"\xc0"],                                         # deep nesting
         [pack(header(type="subscribe", job=job, fields={"from_seq": 0}))],  # a valid replay to a peer that then vanishes
     ]

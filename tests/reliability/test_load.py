@@ -83,7 +83,8 @@ def test_twenty_clients_submit_subscribe_and_ping_while_jobs_compute(server_fact
         for job, events in streams.items():
             assert events[-1].type == "job_done" and [m.seq for m in events] == list(range(len(events))), job
     assert all(client.status(job)["state"] == "done" for client, job in zip(clients, [first, *accepted.values()]))
-    print(f"{len(accepted)} accepted, {len(busy)} busy; ping p99 {p99 * 1000:.1f} ms, median {rtts[len(rtts) // 2] * 1000:.1f} ms")
+    median = rtts[len(rtts) // 2]
+    print(f"{len(accepted)} accepted, {len(busy)} busy; ping p99 {p99 * 1000:.1f} ms, median {median * 1000:.1f} ms")
 
 
 def streams_until_done(client: Client, jobs: set[str], timeout: float) -> dict[str, list[Message]]:
