@@ -288,13 +288,24 @@ def evaluate(ctx: JobContext, mesh: MeshData) -> dict[str, float]:
     return metrics
 
 
+def incoming_metrics(ctx: JobContext) -> dict[str, float]:
+    """The asset a stage starts from, measured like its result (``start_psnr_db``, ``start_chamfer_rel``),
+    so that every stage's report shows what it changed with one yardstick."""
+    if ctx.mesh is None or ctx.mesh.texture is None or ctx.mesh.uvs is None:
+        return {}
+    return {f"start_{k}": v for k, v in evaluate(ctx, ctx.mesh).items() if k in ("psnr_db", "chamfer_rel")}
+
+
 def finish_stage(ctx: JobContext, stage: str, start: float, steps: int, mesh: MeshData,
-                 history: list[StepReport], score_name: str, extra: dict[str, float] | None = None) -> None:
+                 history: list[StepReport], score_name: str, extra: dict[str, float] | None = None,
+                 cpu_start: float | None = None) -> None:
     """Final mesh event, the stage's record and its ``stage_done`` event; the mesh becomes the job's asset."""
     ctx.emit("mesh", {"stage": stage, "step": steps, "final": True}, output_mesh(ctx, mesh).arrays())
     ctx.mesh = mesh
     metrics = evaluate(ctx, mesh)
     metrics.update(extra or {})
+    if cpu_start is not None:
+        metrics["cpu_seconds"] = time.process_time() - cpu_start
     seconds = time.perf_counter() - start
     ctx.stages[stage] = StageRecord(seconds, metrics, history)
     ctx.emit("stage_done", {"stage": stage, "steps": steps, "seconds": seconds,
@@ -345,7 +356,8 @@ def run_geometry_stage(ctx: JobContext) -> None:
     from ..export.extract import simplify
 
     cfg = ctx.config.geometry
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    before = incoming_metrics(ctx)
     prior = geometry_prior(get_prior(ctx))
     method_cfg = with_start(cfg.method, ctx.start_t)
     score_model, score_name = build_score_model(ctx, prior, method_cfg, GEOMETRY)
@@ -376,7 +388,7 @@ def run_geometry_stage(ctx: JobContext) -> None:
     ctx.cache["surface"] = (v, f, None)
     final = textured_mesh(v, f, colour, ctx.config.export.texture_size)
     ctx.cache["layout"] = final
-    finish_stage(ctx, GEOMETRY, start, len(history), final, history, score_name)
+    finish_stage(ctx, GEOMETRY, start, len(history), final, history, score_name, before, cpu_start)
 
 
 def colour_stage_surface(ctx: JobContext) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
@@ -401,7 +413,8 @@ def colour_stage_surface(ctx: JobContext) -> tuple[torch.Tensor, torch.Tensor, n
 def run_colour_stage(ctx: JobContext, stage: str, cfg: TextureStageConfig | RefineStageConfig, prior: Prior,
                      score_model: ScoreModel, score_name: str, lr_geometry: float = 0.0) -> None:
     """2b and 3: tune the colour field on the fixed mesh and bake the result."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    before = incoming_metrics(ctx)
     method_cfg = with_start(cfg.method, ctx.start_t)
     cond = prior.condition(ctx.config.prompt, ctx.config.negative_prompt, method_cfg.guidance)
     v, f, uvs = colour_stage_surface(ctx)
@@ -435,7 +448,7 @@ def run_colour_stage(ctx: JobContext, stage: str, cfg: TextureStageConfig | Refi
         ctx.cache["surface"] = (problem.vertices().detach(), f, uvs)
     final = mesh(tex_size)
     ctx.cache["layout"] = final
-    finish_stage(ctx, stage, start, len(history), final, history, score_name)
+    finish_stage(ctx, stage, start, len(history), final, history, score_name, before, cpu_start)
 
 
 def run_texture_stage(ctx: JobContext) -> None:
