@@ -146,3 +146,30 @@ def build_prior(arch: str, device: torch.device | str = "cpu", dtype: torch.dtyp
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+
+
+def pass_flops(arch: str, latent_size: int, image_size: int) -> dict[str, float]:
+    """Counted FLOPs of one UNet forward (batch 1, 77 text tokens) and one VAE-encoder forward
+    (batch 1, ``image_size`` square) of an architecture, on the meta device (no memory, no time
+    on the accelerator). Backward passes cost about twice their forward; a pass that only needs
+    the input's gradient (the VAE encode, the frozen UNet under LoRA) about once."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = ARCHS[arch]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**spec.unet)
+        vae = AutoencoderKL(**spec.vae)
+        kwargs: dict[str, Any] = {}
+        if spec.family == "sdxl-refiner":
+            pooled = spec.unet["projection_class_embeddings_input_dim"] - 5 * spec.unet["addition_time_embed_dim"]
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, pooled), "time_ids": torch.zeros(1, 5)}
+        latents = torch.zeros(1, 4, latent_size, latent_size)
+        text = torch.zeros(1, 77, spec.unet["cross_attention_dim"])
+        with FlopCounterMode(display=False) as counter:
+            unet(latents, torch.zeros(1), text, **kwargs)
+        unet_flops = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            vae.encode(torch.zeros(1, 3, image_size, image_size))
+        vae_flops = counter.get_total_flops()
+    return {"unet_forward": float(unet_flops), "vae_encode_forward": float(vae_flops)}

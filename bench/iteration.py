@@ -373,6 +373,7 @@ def run_bench(s: BenchSettings, log: Callable[[str], None] | None = None) -> dic
     mean_total = statistics.fmean(iteration_ms)
     breakdown = {k: statistics.fmean(p.get(k, 0.0) for p in parts) for k in PARTS}
     breakdown["other"] = mean_total - sum(breakdown.values())
+    flops = _counted_flops(s, bench.settings, floor)
     paper_iters = PAPER_ITERATIONS[s.stage]
     preset_iters = len(loop.plan)
     result = {
@@ -390,6 +391,7 @@ def run_bench(s: BenchSettings, log: Callable[[str], None] | None = None) -> dic
         "ratio_to_floor": it["median"] / unet_floor if unet_floor > 0 else math.nan,
         "ratio_to_floor_with_vae": it["median"] / (unet_floor + floor.get("vae_encode_fwd_bwd", 0.0)),
         "peak_gpu_gb": peak_gb,
+        "counted_tflop": flops,
         "paper_iterations": paper_iters,
         "projected_paper_s": it["median"] * paper_iters / 1e3,
         "preset_iterations": preset_iters,
@@ -398,6 +400,24 @@ def run_bench(s: BenchSettings, log: Callable[[str], None] | None = None) -> dic
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
     }
     return result
+
+
+def _counted_flops(s: BenchSettings, settings: dict[str, Any], floor: dict[str, float]) -> dict[str, float] | None:
+    """TFLOP per iteration of the floor's passes, counted on the meta device, and the rate the
+    floor achieved; None for the tiny architecture (its cost is all overhead)."""
+    if s.arch not in arch_mod.ARCHS:
+        return None
+    latent = int(settings["latent"].split("x")[0])
+    views = settings["views"]
+    per = arch_mod.pass_flops(s.arch, latent, latent * 8)
+    trained = "trained" in settings["score_model"]
+    # A frozen layer's backward only needs its input's gradient: about one more forward.
+    unet = views * per["unet_forward"] * (2 + (1 + 2 if trained else 0))
+    vae = views * per["vae_encode_forward"] * 2
+    unet_s = sum(v for k, v in floor.items() if k != "vae_encode_fwd_bwd") / 1e3
+    return {"unet": unet / 1e12, "vae": vae / 1e12,
+            "unet_tflop_per_s": unet / 1e12 / unet_s if unet_s > 0 else math.nan,
+            "vae_tflop_per_s": vae / 1e12 / (floor["vae_encode_fwd_bwd"] / 1e3) if floor.get("vae_encode_fwd_bwd") else math.nan}
 
 
 def _cpu_name() -> str:
@@ -436,6 +456,9 @@ def format_table(r: dict[str, Any]) -> str:
         f"{'UNet floor':<40}{r['unet_floor_ms']:>10.1f}",
         f"{'iteration / UNet floor':<40}{r['ratio_to_floor']:>10.2f}",
         f"{'iteration / (UNet + VAE floor)':<40}{r['ratio_to_floor_with_vae']:>10.2f}",
+        *([] if r["counted_tflop"] is None else [
+            f"{'counted TFLOP/iteration: UNet, VAE':<40}{r['counted_tflop']['unet']:>10.2f}{r['counted_tflop']['vae']:>10.2f}",
+            f"{'floor rate TFLOP/s: UNet, VAE':<40}{r['counted_tflop']['unet_tflop_per_s']:>10.2f}{r['counted_tflop']['vae_tflop_per_s']:>10.2f}"]),
         f"{'peak GPU memory (GiB)':<40}{'-' if r['peak_gpu_gb'] is None else format(r['peak_gpu_gb'], '.2f'):>10}",
         f"{'projected stage time (paper, ' + str(r['paper_iterations']) + ' it)':<40}{_hms(r['projected_paper_s']):>10}",
     ]

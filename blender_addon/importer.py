@@ -7,10 +7,9 @@ removes the half-built datablock and leaves the scene as it was, so an artist ne
 mesh. The texture image is one datablock per job, overwritten while the job previews and packed
 into the .blend when the job is done.
 
-Array conventions (the protocol's mesh message, see ``dreamflow.export.mesh.MeshData``):
-vertices float32 (N, 3) in Blender's frame (Z up), faces int32 (M, 3), normals float32 (N, 3),
-uvs float32 (N, 2) per vertex with V's origin at the bottom, texture uint8 (H, W, 3|4) whose row 0
-is the top of the image (Blender stores rows bottom-up, so rows are flipped here).
+The numpy half of an import (checks, edges, per-corner UVs, pixel conversion) lives in
+``meshprep.py`` and normally runs on the session's preparation thread; what is here only copies
+prepared buffers into Blender. Every function also accepts raw message arrays (prepared here).
 """
 
 from __future__ import annotations
@@ -20,131 +19,41 @@ from typing import Any, Mapping
 import bpy
 import numpy as np
 
+from .meshprep import ImportError_, PreparedImage, PreparedMesh, prepare_image, prepare_mesh
+
 JOB_KEY = "dreamflow_job"            # custom property on the Object: the job it shows
 OBJECT_ID_KEY = "dreamflow_object_id"  # custom property on the Object: its stable id for refinement
-MAX_VERTICES = 20_000_000
-MAX_FACES = 40_000_000
-MAX_TEXTURE_SIDE = 16384
-
-
-class ImportError_(ValueError):
-    """A received mesh or texture that cannot be applied, with the reason in words."""
-
-
-def check_mesh_arrays(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Check a mesh message's arrays (shapes, dtypes, finiteness, index range); return canonical copies.
-
-    Raises :class:`ImportError_` naming what is wrong; nothing in Blender is touched.
-    """
-    if "vertices" not in arrays or "faces" not in arrays:
-        missing = sorted({"vertices", "faces"} - set(arrays))
-        raise ImportError_(f"mesh message is missing {', '.join(missing)}")
-    try:
-        v = np.ascontiguousarray(arrays["vertices"], dtype=np.float32)
-        f = np.asarray(arrays["faces"])
-    except (TypeError, ValueError) as exc:
-        raise ImportError_(f"mesh arrays are not numeric: {exc}") from None
-    if v.ndim != 2 or v.shape[1] != 3 or not 0 < len(v) <= MAX_VERTICES:
-        raise ImportError_(f"vertices must be an (N, 3) array with 0 < N <= {MAX_VERTICES}, got shape {v.shape}")
-    if f.ndim != 2 or f.shape[1] != 3 or not 0 < len(f) <= MAX_FACES:
-        raise ImportError_(f"faces must be an (M, 3) array of triangles with 0 < M <= {MAX_FACES}, got shape {f.shape}")
-    if not np.issubdtype(f.dtype, np.integer):
-        raise ImportError_(f"faces must hold integers, got {f.dtype}")
-    f = np.ascontiguousarray(f, dtype=np.int32)
-    if not np.isfinite(v).all():
-        raise ImportError_("vertices contain NaN or infinite coordinates")
-    lo, hi = int(f.min()), int(f.max())
-    if lo < 0 or hi >= len(v):
-        raise ImportError_(f"face indices must lie in [0, {len(v) - 1}], found {lo}..{hi}")
-    # A triangle that repeats a vertex is invalid in Blender (it would need mesh.validate(), which
-    # costs more than the whole build); marching cubes never produces one, so it is an error here.
-    degenerate = (f[:, 0] == f[:, 1]) | (f[:, 1] == f[:, 2]) | (f[:, 2] == f[:, 0])
-    if degenerate.any():
-        raise ImportError_(f"{int(degenerate.sum())} triangles repeat a vertex")
-    out = {"vertices": v, "faces": f}
-    for name, width in (("normals", 3), ("uvs", 2)):
-        if arrays.get(name) is None:
-            continue
-        a = np.ascontiguousarray(arrays[name], dtype=np.float32)
-        if a.shape != (len(v), width):
-            raise ImportError_(f"{name} must be ({len(v)}, {width}) per vertex, got {a.shape}")
-        if not np.isfinite(a).all():
-            raise ImportError_(f"{name} contain NaN or infinite values")
-        out[name] = a
-    if arrays.get("texture") is not None:
-        out["texture"] = check_image(arrays["texture"], "texture")
-    return out
-
-
-def check_image(image: Any, what: str = "image") -> np.ndarray:
-    """Check an (H, W, 3|4) uint8 image array; return it contiguous or raise :class:`ImportError_`."""
-    t = np.asarray(image)
-    if t.dtype != np.uint8 or t.ndim != 3 or t.shape[2] not in (3, 4):
-        raise ImportError_(f"{what} must be an (H, W, 3|4) uint8 image, got {t.shape} {t.dtype}")
-    if not (0 < t.shape[0] <= MAX_TEXTURE_SIDE and 0 < t.shape[1] <= MAX_TEXTURE_SIDE):
-        raise ImportError_(f"{what} size {t.shape[1]}x{t.shape[0]} is out of range")
-    return np.ascontiguousarray(t)
-
-
-def triangle_edges(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The unique edges of a triangle list and each corner's edge index (corner i: i -> next corner).
-
-    A sort of 64-bit (low, high) vertex keys; about twice as fast as Blender's own edge
-    calculation on a 200,000-triangle mesh, which dominated the import time.
-    """
-    a = faces.ravel()
-    b = faces[:, [1, 2, 0]].ravel()
-    lo = np.minimum(a, b)
-    hi = np.maximum(a, b)
-    key = (lo.astype(np.int64) << 32) | hi.astype(np.int64)
-    order = np.argsort(key)  # introsort: the same ~20 ms whatever the face order (timsort: 2-70 ms)
-    sorted_key = key[order]
-    first_of_run = np.empty(len(sorted_key), dtype=bool)
-    first_of_run[0] = True
-    np.not_equal(sorted_key[1:], sorted_key[:-1], out=first_of_run[1:])
-    corner_edge = np.empty(len(sorted_key), dtype=np.int32)
-    corner_edge[order] = np.cumsum(first_of_run, dtype=np.int32) - 1
-    first = order[first_of_run]
-    edge_verts = np.empty((len(first), 2), dtype=np.int32)
-    edge_verts[:, 0] = lo[first]
-    edge_verts[:, 1] = hi[first]
-    return edge_verts, corner_edge
-
-
-def build_mesh(name: str, vertices: np.ndarray, faces: np.ndarray, normals: np.ndarray | None = None,
-               uvs: np.ndarray | None = None, custom_normals: bool = False) -> bpy.types.Mesh:
-    """A new Mesh datablock from checked arrays, built with ``foreach_set`` and validated.
+def build_mesh(name: str, prepared: PreparedMesh, custom_normals: bool = False) -> bpy.types.Mesh:
+    """A new Mesh datablock from a prepared mesh, built with ``foreach_set`` and validated.
 
     Positions, corner vertices, edges and corner edges go straight into Blender's generic
-    attributes (one memory copy each; edges computed with numpy, see :func:`triangle_edges`);
-    faces are smooth-shaded (no ``sharp_face`` attribute), so Blender's own vertex normals, which
-    match the backend's for a closed surface, are used. ``custom_normals`` additionally stores
-    the received normals as custom normals (costs about as much as the rest of the build).
-    On any failure the half-built datablock is removed and the error re-raised.
+    attributes (one memory copy each); faces are smooth-shaded (no ``sharp_face`` attribute), so
+    Blender's own vertex normals, which match the backend's for a closed surface, are used.
+    ``custom_normals`` additionally stores the received normals as custom normals (costs about
+    as much as the rest of the build). On any failure the half-built datablock is removed and
+    the error re-raised.
     """
-    edge_verts, corner_edge = triangle_edges(faces)
+    p = prepared
     mesh = bpy.data.meshes.new(name)
     try:
-        n_v, n_f = len(vertices), len(faces)
+        n_v, n_e, n_f = len(p.vertices), len(p.edge_verts), len(p.faces)
         mesh.vertices.add(n_v)
-        mesh.edges.add(len(edge_verts))
+        mesh.edges.add(n_e)
         mesh.loops.add(3 * n_f)
         mesh.polygons.add(n_f)
         attrs = mesh.attributes
-        attrs["position"].data.foreach_set("vector", vertices.ravel())
-        attrs[".edge_verts"].data.foreach_set("value", edge_verts.ravel())
-        attrs[".corner_vert"].data.foreach_set("value", faces.ravel())
-        attrs[".corner_edge"].data.foreach_set("value", corner_edge)
-        mesh.polygons.foreach_set("loop_start", np.arange(0, 3 * n_f, 3, dtype=np.int32))
-        if uvs is not None:
-            layer = mesh.uv_layers.new(name="UVMap")
-            # Per-corner UVs gathered from the per-vertex ones: seams are already split vertices.
-            layer.uv.foreach_set("vector", uvs[faces.ravel()].ravel())
+        attrs["position"].data.foreach_set("vector", p.vertices.ravel())
+        attrs[".edge_verts"].data.foreach_set("value", p.edge_verts.ravel())
+        attrs[".corner_vert"].data.foreach_set("value", p.faces.ravel())
+        attrs[".corner_edge"].data.foreach_set("value", p.corner_edge)
+        mesh.polygons.foreach_set("loop_start", p.loop_start)
+        if p.corner_uvs is not None:
+            mesh.uv_layers.new(name="UVMap").uv.foreach_set("vector", p.corner_uvs)
         mesh.update()
-        if (len(mesh.vertices), len(mesh.edges), len(mesh.polygons), len(mesh.loops)) != (n_v, len(edge_verts), n_f, 3 * n_f):
+        if (len(mesh.vertices), len(mesh.edges), len(mesh.polygons), len(mesh.loops)) != (n_v, n_e, n_f, 3 * n_f):
             raise ImportError_("Blender rejected the mesh data (element counts changed while building)")
-        if normals is not None and custom_normals:
-            mesh.normals_split_custom_set_from_vertices(normals)
+        if p.normals is not None and custom_normals:
+            mesh.normals_split_custom_set_from_vertices(p.normals)
         return mesh
     except Exception:
         bpy.data.meshes.remove(mesh)
@@ -200,28 +109,8 @@ def create_job_object(scene: bpy.types.Scene, job_id: str, name: str, mesh: bpy.
     return obj
 
 
-_pixel_buffers: dict[tuple[int, int], np.ndarray] = {}
-
-
-def texture_to_pixels(texture: np.ndarray) -> np.ndarray:
-    """uint8 (H, W, 3|4), row 0 on top -> flat float32 RGBA, bottom row first (Blender's layout).
-
-    The float buffer is reused per image size (main thread only): a fresh 16 MB allocation per
-    update costs as much as the conversion itself. Its contents are valid until the next call.
-    """
-    h, w, c = texture.shape
-    rgba = _pixel_buffers.get((h, w))
-    if rgba is None:
-        _pixel_buffers.clear()  # one live size at a time: a job's textures share a size
-        rgba = _pixel_buffers[(h, w)] = np.empty((h, w, 4), dtype=np.float32)
-    np.multiply(texture[::-1], np.float32(1.0 / 255.0), out=rgba[:, :, :c], casting="unsafe")
-    if c == 3:
-        rgba[:, :, 3] = 1.0
-    return rgba.ravel()
-
-
 def pixels_to_texture(image: bpy.types.Image) -> np.ndarray:
-    """An image's pixels as uint8 (H, W, 4), row 0 on top (the inverse of :func:`texture_to_pixels`)."""
+    """An image's pixels as uint8 (H, W, 4), row 0 on top (the inverse of ``meshprep.texture_to_pixels``)."""
     w, h = image.size
     buf = np.empty(w * h * image.channels, dtype=np.float32)
     image.pixels.foreach_get(buf)
@@ -231,16 +120,17 @@ def pixels_to_texture(image: bpy.types.Image) -> np.ndarray:
     return np.ascontiguousarray((np.clip(arr[:, :, :4], 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
 
 
-def write_image(name: str, texture: np.ndarray, image: bpy.types.Image | None = None) -> bpy.types.Image:
+def write_image(name: str, texture: np.ndarray | PreparedImage, image: bpy.types.Image | None = None) -> bpy.types.Image:
     """Write ``texture`` into ``image`` (reused, resized if needed) or into a new image datablock."""
-    h, w = texture.shape[:2]
+    prepared = texture if isinstance(texture, PreparedImage) else prepare_image(texture)
+    w, h = prepared.width, prepared.height
     if image is None:
         image = bpy.data.images.new(name, w, h, alpha=True)
     elif tuple(image.size) != (w, h):
         if image.packed_file is not None:
             image.unpack(method="REMOVE")
         image.scale(w, h)
-    image.pixels.foreach_set(texture_to_pixels(texture))
+    image.pixels.foreach_set(prepared.pixels)
     image.update()
     return image
 
@@ -269,7 +159,7 @@ def material_image_node(mat: bpy.types.Material) -> bpy.types.ShaderNode | None:
     return next((n for n in mat.node_tree.nodes if n.type == "TEX_IMAGE"), None)
 
 
-def apply_texture(obj: bpy.types.Object, texture: np.ndarray, job_id: str) -> bpy.types.Image:
+def apply_texture(obj: bpy.types.Object, texture: np.ndarray | PreparedImage, job_id: str) -> bpy.types.Image:
     """Show ``texture`` on the object's material, reusing the image datablock the job already has."""
     mat = job_material(obj, f"DreamFlow {job_id[:8]}")
     node = material_image_node(mat)
@@ -282,23 +172,23 @@ def apply_texture(obj: bpy.types.Object, texture: np.ndarray, job_id: str) -> bp
     return node.image
 
 
-def apply_mesh(scene: bpy.types.Scene, job_id: str, arrays: Mapping[str, Any], object_name: str = "",
+def apply_mesh(scene: bpy.types.Scene, job_id: str, arrays: Mapping[str, Any] | PreparedMesh, object_name: str = "",
                object_id: str = "", stage: str = "", step: int = -1, final: bool = False,
                custom_normals: bool = False) -> bpy.types.Object:
     """Apply one mesh message in place: the job's Object gets a freshly built Mesh (and texture).
 
-    The Object is found by ``object_id`` (a refinement of an artist's object), else by job id,
-    else created. Transforms, modifiers, selection and materials of an existing Object survive.
-    ``custom_normals`` stores the received normals as custom normals.
+    ``arrays`` is a :class:`PreparedMesh` (prepared off the main thread) or the message's raw
+    arrays. The Object is found by ``object_id`` (a refinement of an artist's object), else by
+    job id, else created. Transforms, modifiers, selection and materials of an existing Object
+    survive. ``custom_normals`` stores the received normals as custom normals.
     """
-    checked = check_mesh_arrays(arrays)
+    prepared = arrays if isinstance(arrays, PreparedMesh) else prepare_mesh(arrays)
     obj = find_object_by_id(object_id) if object_id else None
     if obj is None:
         obj = find_job_object(job_id)
     if obj is not None and obj.type != "MESH":
         raise ImportError_(f"object {obj.name!r} is not a mesh object")
-    mesh = build_mesh(f"DreamFlow {job_id[:8]}", checked["vertices"], checked["faces"],
-                      checked.get("normals"), checked.get("uvs"), custom_normals)
+    mesh = build_mesh(f"DreamFlow {job_id[:8]}", prepared, custom_normals)
     mesh["dreamflow_stage"] = stage
     mesh["dreamflow_step"] = int(step)
     mesh["dreamflow_final"] = bool(final)
@@ -312,8 +202,8 @@ def apply_mesh(scene: bpy.types.Scene, job_id: str, arrays: Mapping[str, Any], o
         if mesh.users == 0:
             bpy.data.meshes.remove(mesh)
         raise
-    if "texture" in checked:
-        apply_texture(obj, checked["texture"], job_id)
+    if prepared.texture is not None:
+        apply_texture(obj, prepared.texture, job_id)
     return obj
 
 

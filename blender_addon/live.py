@@ -1,7 +1,8 @@
 """The main-thread side of the thread boundary: :func:`drain_and_apply` and what it applies.
 
-Threads (see ``session.py``): the protocol Client's socket thread and the request worker never
-touch ``bpy``; they only fill thread-safe queues. :func:`drain_and_apply` is the ONE place where
+Threads (see ``session.py``): the protocol Client's socket thread, the preparation thread (the
+numpy half of each import) and the request worker never touch ``bpy``; they only fill
+thread-safe queues. :func:`drain_and_apply` is the ONE place where
 received messages and request outcomes enter Blender: it runs on the main thread, called by a
 ``bpy.app.timers`` timer in the UI and directly by tests and scripts in background mode (where
 timers never fire). It is bounded (``max_messages``, ``time_budget_s``) so the UI stays
@@ -218,8 +219,8 @@ def _apply_events(scene: bpy.types.Scene, session: Session, max_messages: int, t
     s = settings(scene)
     start = time.perf_counter()
     now = time.monotonic()
-    timed = list(_held) + [(now, m) for m in session.poll_events(max_messages)]
-    batch = [m for _, m in timed]
+    timed = list(_held) + [(now, r) for r in session.poll_events(max_messages)]
+    batch = [r.msg for _, r in timed]
     _held.clear()
     # A non-final mesh is superseded by a later mesh of the same job in the same batch: skip the
     # older one (its seq is still recorded), so a slow UI catches up instead of falling behind.
@@ -240,8 +241,11 @@ def _apply_events(scene: bpy.types.Scene, session: Session, max_messages: int, t
             continue  # already applied before this file was saved and reopened
         skip = msg.type == "mesh" and not msg.fields.get("final") and last_mesh.get(msg.job) != i
         if not skip:
+            ready = timed[i][1]
             try:
-                _apply_event(scene, job, msg)
+                if ready.error:
+                    raise ValueError(ready.error)
+                _apply_event(scene, job, msg, ready.prepared)
             except Exception as exc:
                 traceback.print_exc()
                 report("ERROR", f"Job {job.job_id[:8]}: could not apply its {msg.type} message: {exc}", job)
@@ -321,7 +325,7 @@ def _update_connection(session: Session, scene: bpy.types.Scene) -> None:
         state.connection_message = local_backend.exit_message()
 
 
-def _apply_event(scene: bpy.types.Scene, job: Any, msg: Any) -> None:
+def _apply_event(scene: bpy.types.Scene, job: Any, msg: Any, prepared: Any = None) -> None:
     f = msg.fields
     if msg.type == "progress":
         job.state = "running" if job.state not in ("cancelling",) else job.state
@@ -331,7 +335,7 @@ def _apply_event(scene: bpy.types.Scene, job: Any, msg: Any) -> None:
         job.eta = -1.0 if f.get("eta") is None else float(f["eta"])
         job.loss = 0.0 if f.get("loss") is None else float(f["loss"])
     elif msg.type == "preview":
-        image = importer.check_image(msg.arrays["image"], "preview image")
+        image = prepared if prepared is not None else importer.prepare_image(msg.arrays.get("image"), "preview image")
         name = job.preview_image or f"DreamFlow preview {job.job_id[:8]}"
         img = importer.write_image(name, image, bpy.data.images.get(name))
         job.preview_image = img.name
@@ -339,7 +343,8 @@ def _apply_event(scene: bpy.types.Scene, job: Any, msg: Any) -> None:
             img.preview_ensure()
             img.preview.reload()
     elif msg.type == "mesh":
-        obj = importer.apply_mesh(scene, job.job_id, msg.arrays, object_name=job.object_name,
+        obj = importer.apply_mesh(scene, job.job_id, prepared if prepared is not None else msg.arrays,
+                                  object_name=job.object_name,
                                   object_id=f.get("object_id") or job.object_id, stage=f["stage"], step=int(f["step"]),
                                   final=bool(f.get("final")), custom_normals=bool(preferences().custom_normals))
         job.object_name = obj.name

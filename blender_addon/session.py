@@ -1,17 +1,19 @@
 """The add-on's connection to a backend: everything here runs OFF Blender's main thread or is
 thread-safe, and nothing here imports ``bpy``.
 
-Two threads work for a :class:`Session`:
+Three threads work for a :class:`Session`:
 
 - the protocol ``Client``'s socket thread (``dreamflow_protocol.Client``): owns the ZeroMQ
   DEALER socket, heartbeats, reconnects and resubscribes from the last sequence number, and
   queues every received job event;
+- a preparation thread: takes those events as they arrive and does the numpy half of an import
+  (``meshprep``: checks, edges, per-corner UVs, float pixels), queuing each as a :class:`Ready`;
 - a request worker: runs the blocking requests (connect, submit, cancel, subscribe) so an
   operator returns at once even when the backend is slow or gone; each request's outcome is
   queued as an :class:`Outcome`.
 
-The main thread takes both queues' contents in ``live.drain_and_apply`` and only there touches
-Blender data. See that function for the other side of the boundary.
+The main thread takes the Ready and Outcome queues' contents in ``live.drain_and_apply`` and only
+there touches Blender data. See that function for the other side of the boundary.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any, Callable
 
 from dreamflow_protocol import Client, CurveKeys, Message
 
+from .meshprep import PreparedImage, PreparedMesh, prepare_image, prepare_mesh
+
 
 @dataclass
 class Outcome:
@@ -33,6 +37,27 @@ class Outcome:
     value: Any = None
     error: str = ""
     context: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Ready:
+    """A received job event with its arrays prepared for Blender (or why they could not be)."""
+
+    msg: Message
+    prepared: PreparedMesh | PreparedImage | None = None
+    error: str = ""
+
+
+def prepare_event(msg: Message) -> Ready:
+    """Prepare a mesh or preview event's arrays; other events pass through."""
+    try:
+        if msg.type == "mesh":
+            return Ready(msg, prepare_mesh(msg.arrays))
+        if msg.type == "preview":
+            return Ready(msg, prepare_image(msg.arrays.get("image"), "preview image"))
+    except Exception as exc:  # reported on the main thread, with the job it belongs to
+        return Ready(msg, None, str(exc) or type(exc).__name__)
+    return Ready(msg)
 
 
 def load_curve_keys(server_public_file: str, client_secret_file: str) -> CurveKeys:
@@ -68,8 +93,12 @@ class Session:
         self._outcomes: queue.Queue[Outcome] = queue.Queue()
         self._in_flight = 0
         self._lock = threading.Lock()
+        self._ready: queue.Queue[Ready] = queue.Queue()
+        self._closing = threading.Event()
         self._worker = threading.Thread(target=self._work, name="dreamflow-blender-requests", daemon=True)
         self._worker.start()
+        self._preparer = threading.Thread(target=self._prepare, name="dreamflow-blender-prepare", daemon=True)
+        self._preparer.start()
         self.ever_connected = False
         self.connect_error = ""
         self.connect_started = 0.0
@@ -99,6 +128,12 @@ class Session:
             self._outcomes.put(outcome)
             with self._lock:
                 self._in_flight -= 1
+
+    def _prepare(self) -> None:
+        while not self._closing.is_set():
+            msg = self.client.next_event(timeout=0.1)
+            if msg is not None:
+                self._ready.put(prepare_event(msg))
 
     def _ensure_connected(self) -> None:
         """Hello/capabilities once per session (and again after a failed attempt)."""
@@ -144,9 +179,19 @@ class Session:
             except queue.Empty:
                 return out
 
-    def poll_events(self, limit: int) -> list[Message]:
-        """Received job events, oldest first, without waiting."""
-        return self.client.poll_events(limit)
+    def poll_events(self, limit: int) -> list[Ready]:
+        """Received, prepared job events, oldest first, without waiting."""
+        out: list[Ready] = []
+        while len(out) < limit:
+            try:
+                out.append(self._ready.get_nowait())
+            except queue.Empty:
+                break
+        return out
+
+    def pending(self) -> list[str]:
+        """Types of the prepared events waiting for the main thread (diagnostics and tests)."""
+        return [r.msg.type for r in list(self._ready.queue)]
 
     def new_malformed(self) -> list[str]:
         """Descriptions of malformed messages received since the last call."""
@@ -179,6 +224,8 @@ class Session:
         A request still waiting for its reply ends with its own timeout on the (daemon) worker
         thread; its outcome is dropped with this session.
         """
+        self._closing.set()
         self._tasks.put(None)
+        self._preparer.join(timeout=1.0)
         self.client.close()
         self._worker.join(timeout=0.5)

@@ -127,14 +127,14 @@ def test_drain_respects_its_budget_and_skips_superseded_meshes(addon, server, mo
     bpy.ops.dreamflow.generate()
     job = s.jobs[0]
     pump(addon, lambda: not job.job_id.startswith("pending-"), timeout=10)
-    client = addon.live.get_session().client
+    session = addon.live.get_session()
     deadline = time.monotonic() + 20
-    while client.last_seq(job.job_id) is None or client._events.qsize() < 3:
+    while len(session.pending()) < 3:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert addon.live.drain_and_apply(bpy.context.scene, max_messages=100, time_budget_s=0.0) == 1
     assert addon.live.drain_and_apply(bpy.context.scene, max_messages=100, time_budget_s=0.0) == 1
-    while client.last_seq(job.job_id) is None or not any(m.type == "job_done" for m in list(client._events.queue)):
+    while "job_done" not in session.pending():
         assert time.monotonic() < deadline
         time.sleep(0.05)
     built = []
@@ -151,7 +151,8 @@ def test_built_mesh_matches_blenders_own_construction(addon):
 
     arrays = scripted_mesh(3)
     arrays["faces"] = arrays["faces"][np.random.default_rng(0).permutation(len(arrays["faces"]))]
-    fast = addon.importer.build_mesh("fast", arrays["vertices"], arrays["faces"], uvs=arrays["uvs"])
+    fast = addon.importer.build_mesh("fast", addon.meshprep.prepare_mesh(
+        {"vertices": arrays["vertices"], "faces": arrays["faces"], "uvs": arrays["uvs"]}))
     ref = bpy.data.meshes.new("ref")
     ref.from_pydata(arrays["vertices"].tolist(), [], arrays["faces"].tolist())
 
@@ -181,8 +182,9 @@ def test_received_normals_become_custom_normals_when_asked(addon):
 
     arrays = scripted_mesh(1)
     tilted = np.tile(np.array([0.6, 0.0, 0.8], np.float32), (len(arrays["vertices"]), 1))
-    plain = addon.importer.build_mesh("plain", arrays["vertices"], arrays["faces"], tilted)
-    custom = addon.importer.build_mesh("custom", arrays["vertices"], arrays["faces"], tilted, custom_normals=True)
+    prepared = addon.meshprep.prepare_mesh({"vertices": arrays["vertices"], "faces": arrays["faces"], "normals": tilted})
+    plain = addon.importer.build_mesh("plain", prepared)
+    custom = addon.importer.build_mesh("custom", prepared, custom_normals=True)
     for mesh, expected in ((plain, (0.0, 0.0, 1.0)), (custom, (0.6, 0.0, 0.8))):
         n = np.empty(len(mesh.loops) * 3, np.float32)
         mesh.corner_normals.foreach_get("vector", n)
