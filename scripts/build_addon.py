@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the DreamFlow Blender extension zip with Blender's own extension builder.
 
-    .venv/bin/python scripts/build_addon.py [--offline] [--out DIR] [--cache DIR]
+    .venv/bin/python scripts/build_addon.py [--offline] [--out DIR] [--cache DIR] [--split-platforms]
 
 1. Resolves the bundled wheels: pyzmq and msgpack (pinned below) for CPython 3.11 (Blender
    4.2-5.0) and 3.13 (Blender 5.1+) on Linux x86_64, macOS arm64/x86_64 and Windows amd64,
@@ -12,7 +12,8 @@
 3. Copies the wheels into ``blender_addon/wheels/`` (git-ignored) and writes their names into
    the manifest's ``wheels = [...]`` list (unchanged when the pins are unchanged).
 4. Runs ``blender_ext.py build`` and ``blender_ext.py validate`` from the installed ``bpy`` wheel
-   (or ``--blender-ext PATH``) and prints the zip's path.
+   (or ``--blender-ext PATH``) and prints the zip's path (the last line of output); with
+   ``--split-platforms`` one zip per platform, each printed on its own line.
 """
 
 from __future__ import annotations
@@ -161,8 +162,8 @@ def blender_ext_script(explicit: str | None) -> Path:
     return found[-1]
 
 
-def build(out: Path, cache: Path, offline: bool, blender_ext: str | None) -> Path:
-    """Resolve wheels, stage them, build and validate the zip; its path."""
+def build(out: Path, cache: Path, offline: bool, blender_ext: str | None, split_platforms: bool = False) -> list[Path]:
+    """Resolve wheels, stage them, build and validate the zip (one per platform if split); the paths."""
     wheels = resolve_wheels(cache, offline) + [build_protocol_wheel(cache)]
     target = ADDON / "wheels"
     if target.exists():
@@ -175,11 +176,18 @@ def build(out: Path, cache: Path, offline: bool, blender_ext: str | None) -> Pat
     script = blender_ext_script(blender_ext)
     out.mkdir(parents=True, exist_ok=True)
     version = re.search(r'(?m)^version = "([^"]+)"', MANIFEST.read_text()).group(1)
-    zip_path = out / f"dreamflow-{version}.zip"
-    subprocess.run([sys.executable, str(script), "build", "--source-dir", str(ADDON), "--output-filepath", str(zip_path)],
-                   check=True)
-    subprocess.run([sys.executable, str(script), "validate", str(zip_path)], check=True)
-    return zip_path
+    if split_platforms:
+        before = set(out.glob(f"dreamflow-{version}-*.zip"))
+        subprocess.run([sys.executable, str(script), "build", "--source-dir", str(ADDON), "--output-dir", str(out),
+                        "--split-platforms"], check=True)
+        zips = sorted(set(out.glob(f"dreamflow-{version}-*.zip")) | before)
+    else:
+        zips = [out / f"dreamflow-{version}.zip"]
+        subprocess.run([sys.executable, str(script), "build", "--source-dir", str(ADDON), "--output-filepath",
+                        str(zips[0])], check=True)
+    for zip_path in zips:
+        subprocess.run([sys.executable, str(script), "validate", str(zip_path)], check=True)
+    return zips
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,9 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT.relative_to(ROOT)})")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="wheel cache folder")
     p.add_argument("--blender-ext", default=None, help="path to Blender's blender_ext.py (default: from the bpy wheel)")
+    p.add_argument("--split-platforms", action="store_true",
+                   help="one smaller zip per platform (each with only its wheels) instead of one for all")
     args = p.parse_args(argv)
-    zip_path = build(args.out.resolve(), args.cache.resolve(), args.offline, args.blender_ext)
-    print(zip_path)
+    for zip_path in build(args.out.resolve(), args.cache.resolve(), args.offline, args.blender_ext, args.split_platforms):
+        print(zip_path)
     return 0
 
 
