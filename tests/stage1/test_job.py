@@ -101,3 +101,8 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     assert "unknown preset" in capsys.readouterr().err
     assert main(["generate", "  ", "--out", str(tmp_path / "g")]) == 2
     assert "prompt is empty" in capsys.readouterr().err
+    # No weights on this machine: a missing model is a one-line error that says how to fix it.
+    assert main(["generate", "a chair", "--out", str(tmp_path / "g"), "--preset", "smoke",
+                 "--set", "prior.kind=stable-diffusion", "--set", "prior.model=/nonexistent/sd-folder",
+                 "--set", "prior.local_files_only=true"]) == 2
+    assert "error:" in capsys.readouterr().err

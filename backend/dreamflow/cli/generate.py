@@ -128,7 +128,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate an asset from a text prompt."""
+    from ..export.mesh import MeshError
     from ..pipeline.config import build_config
+    from ..priors.latent_diffusion import PriorLoadError
 
     try:
         if not args.prompt.strip():
@@ -137,7 +139,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         config = build_config(args.preset, overrides, prompt=args.prompt, negative_prompt=args.negative_prompt,
                               seed=args.seed, method=args.method, device=args.device)
         return _run(config, Path(args.out), "generate")
-    except ConfigError as exc:
+    except (ConfigError, MeshError, PriorLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
