@@ -31,8 +31,8 @@ JOB = "ab" * 16
 #: The smallest real job: reference prior, stage 1 only, tiny renders and export.
 TINY_REAL_JOB = {"prior.kind": "reference", "stage1.steps": 8, "stage1.resolution": 16, "stage1.samples_per_ray": 8,
                  "stage1.preview_every": 0, "stage1.mesh_every": 0, "stage1.mesh_resolution": 16, "export.texture_size": 16,
-                 "export.face_budget": 300, "geometry.enabled": False, "texture.enabled": False, "refine.enabled": False,
-                 "checkpoint_every": 2}
+                 "export.face_budget": 300, "export.view_resolution": 32, "geometry.enabled": False,
+                 "texture.enabled": False, "refine.enabled": False, "checkpoint_every": 2}
 
 
 def cube_arrays() -> dict[str, np.ndarray]:

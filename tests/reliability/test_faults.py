@@ -306,3 +306,24 @@ def test_cancel_stops_a_real_job_within_one_optimisation_step(server_factory, cl
     assert sum(m.type == "progress" for m in rest) <= 1, "more than the step in flight ran after the cancel"
     assert waited < 2 * step_seconds + 1.0, f"cancel took {waited:.2f} s with {step_seconds:.2f} s steps"
     assert client.status(job)["state"] == "cancelled" and not (srv.server.store.get(job).out_dir / "model.glb").exists()
+
+
+def test_a_torn_checkpoint_found_on_restart_is_reported_and_the_stage_starts_again(server_factory, client_factory, tmp_path):
+    from dreamflow.server import JobStore
+
+    store = JobStore(tmp_path / "store")
+    job = store.create({"prompt": "torn", "preset": "smoke", "method": "apfo", "seed": 1,
+                        "overrides": dict(TINY_REAL_JOB, **{"stage1.steps": 4})}, {})
+    job.save_state(state="running")  # the server died while it ran...
+    (job.checkpoint_dir / "stage1.pt").write_bytes(b"PK\x03\x04" + bytes(range(200)))  # ...and its checkpoint is damaged
+    srv = server_factory(runner=_default_runner(), store=tmp_path / "store")
+    client = client_factory(srv.endpoint)
+    client.subscribe(job.job_id, from_seq=0)
+    events = collect(client, job.job_id, timeout=180)
+    logs = [m.fields["message"] for m in events if m.type == "log"]
+    assert any("resuming" in text for text in logs)
+    assert any(text.startswith("checkpoint stage1.pt is unreadable") and "starts again from its first step" in text
+               for text in logs), logs
+    steps = [m.fields["step"] for m in events if m.type == "progress"]
+    assert steps == [1, 2, 3, 4] and events[-1].type == "job_done"
+    assert client.status(job.job_id)["resumes"] == 1
