@@ -42,6 +42,7 @@ def fuzz_test(kind: str, *strategies: st.SearchStrategy, at_least: int | None = 
                 body(*args)
 
             prop()
+            print(f"{kind}: {ran[0]} cases")
             assert ran[0] >= (CASES[kind] if at_least is None else at_least), f"only {ran[0]} {kind} cases ran"
 
         test.__name__, test.__doc__ = body.__name__, body.__doc__
