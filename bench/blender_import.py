@@ -4,10 +4,10 @@ against ``bpy.ops.import_scene.gltf`` of the same mesh as a GLB (what other add-
     .venv/bin/python bench/blender_import.py [--faces 200000] [--texture 1024] [--repeat 5]
 
 The mesh is a torus grid with UV seams (per-vertex UVs, split at the seams as xatlas does),
-per-vertex normals, its faces once in grid order and once in random order; the texture is random RGB noise (no compression advantage for the PNG in the
-GLB). Both paths start from what arrives: numpy arrays from the protocol for the add-on, a GLB
-file for the importer (written once with trimesh, not timed). Reported: the median over
-``--repeat`` runs. The add-on's main-thread time is what Blender's UI waits for: the numpy
+per-vertex normals, its faces once in grid order and once in random order; the texture is
+random RGB noise (no compression advantage for the PNG in the GLB). Both paths start from what
+arrives: numpy arrays from the protocol for the add-on, a GLB file for the importer (written once
+with trimesh, not timed). Reported: the median over ``--repeat`` runs. The add-on's main-thread time is what Blender's UI waits for: the numpy
 half of the import (checks, edges, per-corner UVs, float pixels) runs on the session's
 preparation thread as the message arrives, and is also reported on its own and with everything
 on the main thread. The add-on is timed in steady state (the job's Object, material and image
@@ -119,7 +119,8 @@ def measure(arrays: dict[str, np.ndarray], repeat: int, label: str) -> None:
     print(f"  add-on, main thread, first arrival:     {med(first):.3f} s  (min {min(first):.3f})")
     print(f"  add-on, preparation (its own thread):   {med(prep):.3f} s  (min {min(prep):.3f})")
     print(f"  add-on, both on the main thread:        {med(whole):.3f} s  (min {min(whole):.3f})")
-    print(f"  bpy.ops.import_scene.gltf ({glb.stat().st_size / 1e6:.1f} MB GLB): {med(gltf):.3f} s  (min {min(gltf):.3f})")
+    size_mb = glb.stat().st_size / 1e6
+    print(f"  bpy.ops.import_scene.gltf ({size_mb:.1f} MB GLB): {med(gltf):.3f} s  (min {min(gltf):.3f})")
     print(f"    ... plus decoding its texture:        {med(gltf_decoded):.3f} s  (min {min(gltf_decoded):.3f})")
     print(f"  speed-up, main thread (update vs glTF): {med(gltf) / med(steady):.1f}x "
           f"({med(gltf_decoded) / med(steady):.1f}x counting the texture decode)")

@@ -120,7 +120,8 @@ def pixels_to_texture(image: bpy.types.Image) -> np.ndarray:
     return np.ascontiguousarray((np.clip(arr[:, :, :4], 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
 
 
-def write_image(name: str, texture: np.ndarray | PreparedImage, image: bpy.types.Image | None = None) -> bpy.types.Image:
+def write_image(name: str, texture: np.ndarray | PreparedImage,
+                image: bpy.types.Image | None = None) -> bpy.types.Image:
     """Write ``texture`` into ``image`` (reused, resized if needed) or into a new image datablock."""
     prepared = texture if isinstance(texture, PreparedImage) else prepare_image(texture)
     w, h = prepared.width, prepared.height

@@ -64,7 +64,7 @@ class DREAMFLOW_OT_generate(bpy.types.Operator):
 
 
 class DREAMFLOW_OT_refine_selected(bpy.types.Operator):
-    """Send the active mesh (modifiers applied, with its UVs and image texture) back for refinement; the result updates it in place"""
+    """Send the active mesh (modifiers applied, UVs, image texture) to be refined; the result updates it in place"""
 
     bl_idname = "dreamflow.refine_selected"
     bl_label = "Refine Selected"
@@ -126,7 +126,7 @@ class DREAMFLOW_OT_cancel(bpy.types.Operator):
 
 
 class DREAMFLOW_OT_reattach(bpy.types.Operator):
-    """Receive this job's updates again, from the last one this file saw (after reopening the file or a lost connection)"""
+    """Follow this job again from the last update this file saw (after reopening the file or a lost connection)"""
 
     bl_idname = "dreamflow.reattach"
     bl_label = "Reattach"
@@ -214,7 +214,8 @@ class DREAMFLOW_OT_report(bpy.types.Operator):
     bl_label = "DreamFlow Message"
     bl_options = {"INTERNAL"}
 
-    level: EnumProperty(items=[("INFO", "Info", ""), ("WARNING", "Warning", ""), ("ERROR", "Error", "")], default="INFO")
+    level: EnumProperty(items=[("INFO", "Info", ""), ("WARNING", "Warning", ""), ("ERROR", "Error", "")],
+                        default="INFO")
     message: StringProperty()
 
     def execute(self, context: bpy.types.Context) -> set[str]:

@@ -86,7 +86,8 @@ class DREAMFLOW_PG_job(bpy.types.PropertyGroup):
     message: StringProperty(name="Message")
     preview_image: StringProperty(name="Preview image")
     modifiers_off: BoolProperty(name="Modifiers turned off", default=False,
-                                description="The refined object's modifiers were baked into the sent mesh and turned off")
+                                description="The refined object's modifiers were baked into the sent mesh "
+                                            "and turned off")
 
 
 class DREAMFLOW_PG_settings(bpy.types.PropertyGroup):
@@ -115,7 +116,8 @@ class DREAMFLOW_PG_settings(bpy.types.PropertyGroup):
         out = {}
         for name in jobspec.STAGES:
             g = getattr(self, name)
-            out[name] = jobspec.StageSettings(g.enabled, g.customize, g.resolution, g.t_start, g.t_end, g.views_per_t, g.steps)
+            out[name] = jobspec.StageSettings(g.enabled, g.customize, g.resolution, g.t_start, g.t_end,
+                                              g.views_per_t, g.steps)
         return out
 
     def find_job(self, job_id: str) -> "DREAMFLOW_PG_job | None":

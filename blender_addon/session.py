@@ -102,7 +102,7 @@ class Session:
         self.ever_connected = False
         self.connect_error = ""
         self.connect_started = 0.0
-        self._dropped_seen = 0
+        self._dropped_seen: list[str] = []
 
     # --------------------------------------------------------------------------- requests
 
@@ -194,11 +194,23 @@ class Session:
         return [r.msg.type for r in list(self._ready.queue)]
 
     def new_malformed(self) -> list[str]:
-        """Descriptions of malformed messages received since the last call."""
-        dropped = self.client.dropped
-        fresh = dropped[self._dropped_seen:]
-        self._dropped_seen = len(dropped)
-        return list(fresh)
+        """Descriptions of malformed messages received since the last call.
+
+        The client keeps only its last 100 (``Client.dropped``), so the new ones are found as the
+        shortest tail that, appended to what was seen before, gives the client's list again.
+        """
+        current = list(self.client.dropped)
+        seen = self._dropped_seen
+        fresh = current
+        if current != seen:
+            for n in range(1, len(current) + 1):
+                if (seen + current[-n:])[-len(current):] == current:
+                    fresh = current[-n:]
+                    break
+        else:
+            fresh = []
+        self._dropped_seen = current
+        return fresh
 
     @property
     def busy(self) -> bool:

@@ -114,7 +114,8 @@ def resolve_wheels(cache: Path, offline: bool) -> list[Path]:
                     found.add(wheel)
     if missing:
         raise SystemExit("missing wheels in " + str(cache) + (" (offline build)" if offline else "") + ":\n  "
-                         + "\n  ".join(missing) + "\nrun without --offline once (needs the package index) to fill the cache")
+                         + "\n  ".join(missing)
+                         + "\nrun without --offline once (needs the package index) to fill the cache")
     return sorted(found)
 
 
@@ -194,13 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--offline", action="store_true", help="build only from wheels already in the cache")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT.relative_to(ROOT)})")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help=f"output folder (default {DEFAULT_OUT.relative_to(ROOT)})")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="wheel cache folder")
     p.add_argument("--blender-ext", default=None, help="path to Blender's blender_ext.py (default: from the bpy wheel)")
     p.add_argument("--split-platforms", action="store_true",
                    help="one smaller zip per platform (each with only its wheels) instead of one for all")
     args = p.parse_args(argv)
-    for zip_path in build(args.out.resolve(), args.cache.resolve(), args.offline, args.blender_ext, args.split_platforms):
+    zips = build(args.out.resolve(), args.cache.resolve(), args.offline, args.blender_ext, args.split_platforms)
+    for zip_path in zips:
         print(zip_path)
     return 0
 

@@ -56,8 +56,9 @@ class ServerProcess:
 
         self.store.mkdir(parents=True, exist_ok=True)
         log = open(self.store.with_name(self.store.name + f"-{self.port}.log"), "ab")
-        self.proc = subprocess.Popen([PYTHON, str(Path(__file__).with_name("scripted_server.py")), "--bind", self.endpoint,
-                                      "--store", str(self.store), "--step-seconds", str(self.step_seconds)],
+        script = str(Path(__file__).with_name("scripted_server.py"))
+        self.proc = subprocess.Popen([PYTHON, script, "--bind", self.endpoint, "--store", str(self.store),
+                                      "--step-seconds", str(self.step_seconds)],
                                      stdout=log, stderr=subprocess.STDOUT)
         log.close()
         with Client(self.endpoint, timeout=60) as client:

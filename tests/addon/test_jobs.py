@@ -35,7 +35,8 @@ def _artist_object() -> bpy.types.Object:
     """A UV-mapped, textured quad grid with a Subdivision modifier, edited by hand."""
     n = 4
     verts = [(x, y, 0.0) for y in range(n) for x in range(n)]
-    faces = [(y * n + x, y * n + x + 1, (y + 1) * n + x + 1, (y + 1) * n + x) for y in range(n - 1) for x in range(n - 1)]
+    faces = [(y * n + x, y * n + x + 1, (y + 1) * n + x + 1, (y + 1) * n + x)
+             for y in range(n - 1) for x in range(n - 1)]
     mesh = bpy.data.meshes.new("artist")
     mesh.from_pydata(verts, [], faces)
     uv = mesh.uv_layers.new(name="UVMap")

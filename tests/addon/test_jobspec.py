@@ -28,13 +28,15 @@ def test_customised_stages_map_onto_the_backend_config():
     }
     args = jobspec.submit_arguments(" a red teapot ", "", 7, "apfo", "preview", stages, "prior.kind=reference")
     assert args["prompt"] == "a red teapot" and args["negative_prompt"] is None
-    cfg = build_config(args["preset"], args["overrides"], prompt=args["prompt"], seed=args["seed"], method=args["method"])
+    cfg = build_config(args["preset"], args["overrides"], prompt=args["prompt"], seed=args["seed"],
+                       method=args["method"])
     preview = build_config("preview")
     assert (cfg.stage1.resolution, cfg.stage1.steps) == (96, 123)
     assert (cfg.stage1.method.schedule.t_start, cfg.stage1.method.schedule.t_end,
             cfg.stage1.method.schedule.views_per_t) == (0.9, 0.3, 2)
-    assert cfg.geometry.enabled is False and cfg.geometry.steps == preview.geometry.steps   # disabled: values not sent
-    assert cfg.texture == preview.texture                                                   # not customised: the preset's
+    # A disabled stage sends no values; a stage not customised keeps the preset's.
+    assert cfg.geometry.enabled is False and cfg.geometry.steps == preview.geometry.steps
+    assert cfg.texture == preview.texture
     assert (cfg.refine.resolution, cfg.refine.steps, cfg.refine.method.schedule.t_start) == (128, 7, 0.25)
     assert cfg.prior.kind == "reference" and cfg.seed == 7
 
@@ -69,7 +71,8 @@ def test_override_values_and_addresses_parse():
     for bad in ("127.0.0.1:5555", "tcp://host", "http://x:1"):
         with pytest.raises(ValueError, match="tcp://127.0.0.1:5555"):
             jobspec.check_endpoint(bad)
-    assert jobspec.format_eta(83.2) == "1m 23s" and jobspec.format_eta(None) == "" and jobspec.format_eta(7300) == "2h 01m"
+    assert jobspec.format_eta(83.2) == "1m 23s" and jobspec.format_eta(7300) == "2h 01m"
+    assert jobspec.format_eta(None) == ""
 
 
 def test_timer_survives_a_broken_scene(addon, server, monkeypatch):

@@ -182,7 +182,8 @@ def test_received_normals_become_custom_normals_when_asked(addon):
 
     arrays = scripted_mesh(1)
     tilted = np.tile(np.array([0.6, 0.0, 0.8], np.float32), (len(arrays["vertices"]), 1))
-    prepared = addon.meshprep.prepare_mesh({"vertices": arrays["vertices"], "faces": arrays["faces"], "normals": tilted})
+    prepared = addon.meshprep.prepare_mesh({"vertices": arrays["vertices"], "faces": arrays["faces"],
+                                            "normals": tilted})
     plain = addon.importer.build_mesh("plain", prepared)
     custom = addon.importer.build_mesh("custom", prepared, custom_normals=True)
     for mesh, expected in ((plain, (0.0, 0.0, 1.0)), (custom, (0.6, 0.0, 0.8))):
