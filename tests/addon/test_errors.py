@@ -188,3 +188,20 @@ def test_local_backend_starts_with_connect_speaks_curve_and_stops_when_the_addon
     assert addon.live.get_session().client.capabilities["auth"] == "curve"
     addon_utils.disable(ADDON_MODULE, default_set=True)      # unregister stops what it started
     assert process.poll() is not None
+
+
+def test_every_new_malformed_message_is_reported_once_even_past_the_clients_bounded_record(addon):
+    session = addon.session.Session(f"tcp://127.0.0.1:{free_port()}")
+    try:
+        client = session.client
+        reports = []
+        for i in range(250):
+            # What the client does on each undecodable message: keep the last 100.
+            client.dropped = [*client.dropped[-99:], f"bad {i % 7}"]
+            if i % 3 == 0:
+                reports += session.new_malformed()
+        reports += session.new_malformed()
+        assert reports == [f"bad {i % 7}" for i in range(250)]
+        assert session.new_malformed() == []
+    finally:
+        session.close()
