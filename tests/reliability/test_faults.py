@@ -327,3 +327,26 @@ def test_a_torn_checkpoint_found_on_restart_is_reported_and_the_stage_starts_aga
     steps = [m.fields["step"] for m in events if m.type == "progress"]
     assert steps == [1, 2, 3, 4] and events[-1].type == "job_done"
     assert client.status(job.job_id)["resumes"] == 1
+
+
+def test_a_job_that_cannot_record_its_end_does_not_take_the_worker_with_it(server_factory, client_factory, monkeypatch):
+    from dreamflow.server.store import JobRecord
+
+    real_append = JobRecord.append_event
+
+    def disk_full_for_errors(self, msg):
+        if msg.type == "error":
+            raise OSError(28, "No space left on device")  # the job's end cannot be written
+        return real_append(self, msg)
+
+    monkeypatch.setattr(JobRecord, "append_event", disk_full_for_errors)
+    srv = server_factory(runner=StepRunner(steps=3, fail_at=1))
+    client = client_factory(srv.endpoint)
+    doomed = client.submit("fails on a full disk", preset="smoke")
+    deadline = time.monotonic() + 30
+    while client.status(doomed)["state"] != "failed" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status = client.status(doomed)
+    assert status["state"] == "failed" and "synthetic failure at step 1" in status["error"]
+    srv.server.worker.runner = StepRunner(steps=2)
+    assert collect(client, client.submit("the next job", preset="smoke"))[-1].type == "job_done"

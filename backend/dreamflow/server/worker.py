@@ -21,7 +21,7 @@ from dreamflow_protocol import Message, ProtocolError, validate_message
 from dreamflow_protocol.schema import SCHEMAS, Nullable
 
 from ..events import Cancelled, JobControl
-from .store import JobRecord, JobStore, StoreError
+from .store import TERMINAL_STATES, JobRecord, JobStore, StoreError
 
 log = logging.getLogger("dreamflow.server")
 
@@ -193,6 +193,16 @@ class Worker:
                 self._run_job(self.store.get(job_id), control)
             except StoreError as exc:
                 log.error("job %s vanished from the store: %s", job_id, exc)
+            except Exception as exc:  # e.g. a full disk: the job could not even record its end
+                # The worker must outlive it, or every later job would wait forever. Where even the
+                # state could not be saved, state.json still says running and a restart resumes the job.
+                log.exception("job %s could not record its end", job_id)
+                try:
+                    job = self.store.get(job_id)
+                    if job.state.get("state") not in TERMINAL_STATES:
+                        job.update(state="failed", error=f"{type(exc).__name__}: {exc}"[:4096])
+                except StoreError:
+                    pass
             finally:
                 with self._cond:
                     self.current = None
@@ -241,7 +251,7 @@ class Worker:
     def _terminal(self, job: JobRecord, msg: Message, state: str, **extra: Any) -> None:
         # The state first, then the event: a client that sees the terminal event (live, or from the
         # log) always finds the job finished; a crash in between is repaired on restart
-        # (Server._repair_terminal appends the missing event).
+        # (Server._restore_terminal_event appends the missing event).
         validate_message(msg)
         job.save_state(state=state, finished=time.time(), **extra)
         self.publish(job, job.append_event(msg))
