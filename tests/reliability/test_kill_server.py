@@ -12,6 +12,7 @@ import io
 import os
 import signal
 
+import pytest
 import torch
 import trimesh
 from reliability_helpers import TINY_REAL_JOB, collect, serve, stop
@@ -22,6 +23,7 @@ from dreamflow_protocol import Client
 STEPS = 10
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stage_resumes_from_the_last_checkpoint_and_loses_nothing(tmp_path):
     store = tmp_path / "store"
     proc, endpoint = serve(store, "--log-level", "warning")
