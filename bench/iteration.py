@@ -39,6 +39,7 @@ try:  # run as a script (bench/ on sys.path) or imported as bench.iteration from
 except ImportError:  # pragma: no cover - script mode
     import arch as arch_mod  # type: ignore[no-redef]
 
+from dreamflow.config import parse_cli_overrides
 from dreamflow.fastpath import FastPath, apply_fast_path, choose_dtype, for_device
 from dreamflow.methods.loop import Distillation, LoopConfig
 from dreamflow.methods.registry import build_method
@@ -86,6 +87,7 @@ class BenchSettings:
     compile: bool = False
     seed: int = 0
     workdir: str | None = None
+    overrides: dict[str, Any] | None = None  # dotted config paths, as the CLI's --set stage1.steps=200
 
 
 class Timers:
@@ -186,7 +188,7 @@ def build_stage(s: BenchSettings) -> StageBench:
 
     _check_arch(s.stage, s.arch)
     device = torch.device(s.device)
-    job = build_config(s.preset)
+    job = build_config(s.preset, s.overrides)
     stage_cfg = {"1": job.stage1, "2a": job.geometry, "2b": job.texture, "3": job.refine}[s.stage]
     # --no-fast is the "before" of every measurement: float32, unfused attention, nothing offloaded.
     fast = replace(for_device(device), compile_unet=s.compile) if s.fast else FastPath(sdpa=False, offload_text_encoder=False)
@@ -485,18 +487,21 @@ def parse_args(argv: list[str] | None = None) -> BenchSettings:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--preset", choices=("paper", "preview", "smoke"), default="paper")
     p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
-    p.add_argument("--no-fast", dest="fast", action="store_false", help="plain path: float32, default attention")
+    p.add_argument("--no-fast", dest="fast", action="store_false", help="plain path: float32, unfused attention, text encoder kept")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--phi-base", choices=("shared", "separate"), default="shared")
     p.add_argument("--ray-chunk", default="auto", help="stage 1: auto, none, or rays per checkpointed chunk")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset setting by dotted path, e.g. --set stage1.samples_per_ray=128")
     p.add_argument("--workdir", default=None, help="folder for the tiny pipelines (default: a new temporary one)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     a = p.parse_args(argv)
     if a.iters < 1 or a.warmup < 0:
         p.error("--iters must be at least 1 and --warmup at least 0")
     s = BenchSettings(a.stage, a.arch, a.device, a.iters, a.warmup, a.preset, a.fast, a.dtype, a.phi_base,
-                      a.ray_chunk, a.compile, a.seed, a.workdir)
+                      a.ray_chunk, a.compile, a.seed, a.workdir,
+                      parse_cli_overrides(a.overrides) or None)
     s.json_out = a.json_out  # type: ignore[attr-defined]
     return s
 

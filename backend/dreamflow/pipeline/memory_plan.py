@@ -80,22 +80,23 @@ class ChunkedNerfProblem(NerfProblem):
         return Rendered(out.image, out.alpha, reg)
 
 
-def stage_ladder(problem: Any, prior: Any, score_model: Any, first_ray_chunk: int = 8192) -> MemoryLadder:
+def stage_ladder(problem: Any, prior: Any, score_model: Any, first_ray_chunk: int = 8192,
+                 min_ray_chunk: int = MIN_RAY_CHUNK) -> MemoryLadder:
     """The savers of a stage, cheapest first: ray chunks (stage 1), then the prior's savers."""
     savers: list[Saver] = []
     if isinstance(problem, ChunkedNerfProblem):
         savers.append(Saver("halve-ray-chunk", halving(lambda: problem.ray_chunk,
                                                        lambda v: setattr(problem, "ray_chunk", v),
-                                                       first_ray_chunk, MIN_RAY_CHUNK)))
+                                                       first_ray_chunk, min_ray_chunk)))
     savers += prior_savers(prior, score_model)
     return MemoryLadder(savers)
 
 
 def install_stage_fallback(loop: Any, on_fallback: Callable[[str, str], None] | None = None,
-                           first_ray_chunk: int = 8192) -> MemoryLadder:
+                           first_ray_chunk: int = 8192, min_ray_chunk: int = MIN_RAY_CHUNK) -> MemoryLadder:
     """Retry out-of-memory iterations of ``loop`` with its stage's savers; the ladder (its
     ``applied`` list says what was needed)."""
-    ladder = stage_ladder(loop.problem, loop.prior, loop.score_model, first_ray_chunk)
+    ladder = stage_ladder(loop.problem, loop.prior, loop.score_model, first_ray_chunk, min_ray_chunk)
     install_oom_fallback(loop, ladder, on_fallback)
     return ladder
 
