@@ -1,7 +1,9 @@
 """Shared pieces of the reliability suite: valid sample messages of every type, frame mutations,
 a ``dreamflow serve`` subprocess, and reading a process's resident memory.
 
-Named uniquely (not conftest) so ``import reliability_helpers`` never picks another folder's module.
+Named uniquely, and no conftest.py in this folder: other folders' tests do ``from conftest import``,
+which a second conftest.py loaded in the same run could shadow. Test modules import the fixtures
+below by name.
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
+import pytest
 import zmq
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from dreamflow_protocol import PROTOCOL_VERSION, Message, decode, encode, new_id
+from dreamflow.server import Server
+from dreamflow_protocol import PROTOCOL_VERSION, Client, Message, decode, encode, new_id
 
 SERVER_TESTS = Path(__file__).resolve().parent.parent / "server"
 if str(SERVER_TESTS) not in sys.path:
@@ -247,3 +251,41 @@ def collect(client: Any, job: str, timeout: float = 30.0, stop_when: Any = None)
         if msg.type in TERMINAL_TYPES or (stop_when is not None and stop_when(msg)):
             return events
     raise AssertionError(f"job {job} did not finish within {timeout} s; got {[m.type for m in events]}")
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Callable[..., RunningServer]:
+    """Start servers (StepRunner jobs unless told otherwise); all are stopped after the test."""
+    started: list[RunningServer] = []
+
+    from runners import StepRunner  # tests/server/runners.py (on sys.path, see the top of this module)
+
+    def make(runner: Any = None, store: Path | None = None, bind: str = "tcp://127.0.0.1:*", **kw: Any) -> RunningServer:
+        srv = RunningServer(Server(store or tmp_path / "store", bind, runner=runner or StepRunner(), **kw))
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        if srv.thread.is_alive():
+            srv.stop()
+
+
+@pytest.fixture
+def client_factory() -> Callable[..., Client]:
+    """Connected clients, closed after the test."""
+    clients: list[Client] = []
+
+    def make(endpoint: str, connect: bool = True, **kw: Any) -> Client:
+        kw.setdefault("timeout", 10.0)
+        client = Client(endpoint, **kw)
+        clients.append(client)
+        if connect:
+            client.connect()
+        return client
+
+    yield make
+    for client in clients:
+        client.close()

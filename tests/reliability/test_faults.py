@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_helpers import TINY_REAL_JOB, collect
+from reliability_helpers import TINY_REAL_JOB, client_factory, collect, server_factory  # noqa: F401 (fixtures)
 from runners import StepRunner
 
 from dreamflow.events import Cancelled, JobControl, RecordingSink

@@ -15,7 +15,8 @@ import pytest
 import zmq
 from hypothesis import given
 from hypothesis import strategies as st
-from reliability_helpers import JOB, RawPeer, cube_arrays, frames_of, fuzz, header, mutated_frames, pack, rss_bytes, serve, stop
+from reliability_helpers import (JOB, RawPeer, cube_arrays, frames_of, fuzz, header, mutated_frames, pack, rss_bytes, serve,
+                                 stop)
 
 from dreamflow.server import JobStore
 from dreamflow_protocol import Message, ProtocolError, decode, encode

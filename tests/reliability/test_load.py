@@ -10,6 +10,7 @@ import gc
 import threading
 import time
 
+from reliability_helpers import client_factory, server_factory  # noqa: F401 (fixtures)
 from runners import StepRunner
 
 from dreamflow_protocol import TERMINAL_TYPES, Client, Message, ServerBusy

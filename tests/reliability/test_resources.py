@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from reliability_helpers import collect
+from reliability_helpers import client_factory, collect, server_factory  # noqa: F401 (fixtures)
 from runners import StepResult, StepRunner
 
 from dreamflow.server import JobStore, Server, ServerConfigError
