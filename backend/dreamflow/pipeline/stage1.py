@@ -123,12 +123,20 @@ def run_stage1(ctx: JobContext) -> None:
     score_model, score_name = build_score_model(ctx, prior, method_cfg, STAGE)
     method = build_method(method_cfg, seed)
     field = NerfField(field_settings(cfg), ctx.device, seed=seed)
-    problem = NerfProblem(field, cfg, ctx.device, seed)
+    # Bounded memory at the paper's settings (pipeline/memory_plan.py): checkpointed ray chunks when
+    # the whole render's graph would not fit; None (one graph, as before) when it does.
+    from .memory_plan import ChunkedNerfProblem, gpu_budget_bytes, install_stage_fallback, plan_ray_chunk
+
+    chunk = plan_ray_chunk(cfg.views_per_iteration * cfg.resolution ** 2, cfg.samples_per_ray, cfg.grid.levels,
+                           gpu_budget_bytes(ctx.device))
+    problem = ChunkedNerfProblem.wrap(NerfProblem(field, cfg, ctx.device, seed), chunk)
     cond = prior.condition(ctx.config.prompt, ctx.config.negative_prompt, method_cfg.guidance)
     sampler = CameraSampler(cfg.cameras, seed=seed, device=ctx.device)
     loop = Distillation(problem, method, prior, score_model, cond, sampler,
                         LoopConfig(cfg.steps, cfg.views_per_iteration, checkpoint_every=ctx.config.checkpoint_every),
                         seed=seed)
+    install_stage_fallback(loop, lambda what, why: ctx.emit(
+        "log", {"level": "warning", "stage": STAGE, "message": f"out of memory ({why}); retrying with {what}"}))
     saved = ctx.load_checkpoint(STAGE)
     if saved is not None:
         loop.load_state_dict(saved["loop"])
