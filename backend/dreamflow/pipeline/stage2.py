@@ -338,7 +338,11 @@ def initial_dmtet(ctx: JobContext, resolution: int) -> DMTet:
     src = ctx.cache.get("input_box", ctx.mesh)
     sdf = None
     if ctx.nerf is not None:
-        sdf = sdf_from_density(ctx.nerf.density, dmtet.grid, ctx.config.stage1.mesh_level)
+        level = ctx.config.geometry.init_level
+        if level <= 0:
+            with torch.no_grad():
+                level = float(torch.cat([ctx.nerf.density(p) for p in dmtet.grid.vertices.split(65536)]).mean())
+        sdf = sdf_from_density(ctx.nerf.density, dmtet.grid, level)
     if (sdf is None or not ((sdf < 0).any() and (sdf > 0).any())) and src is not None:
         # A thin stage-1 shape can slip between the vertices of a coarse tet grid; its extracted
         # (finer, cleaned) mesh still says where the surface is.
