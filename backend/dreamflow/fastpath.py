@@ -31,6 +31,7 @@ class FastPath:
     tf32: bool = False                 # TF32 matmuls/convolutions for what stays in float32 (CUDA)
     compile_unet: bool = False         # torch.compile the UNet (both LoRA states compile once each)
     compile_mode: str = "max-autotune-no-cudagraphs"
+    compile_backend: str = "inductor"  # "eager" traces with dynamo only (checks guards, no codegen)
     offload_text_encoder: bool = True  # text encoder off the accelerator except while embedding
     vae_gradient_checkpointing: bool = False   # recompute VAE-encoder activations in backward
     unet_gradient_checkpointing: bool = False  # recompute UNet activations in the LoRA update's backward
@@ -146,6 +147,9 @@ def apply_fast_path(prior: Any, fast: FastPath, device: torch.device | str | Non
     if fast.compile_unet and unet is not None:
         # In place (nn.Module.compile): the prior, its denoiser and the LoRA model keep the same
         # object, and peft can still switch the adapter (a guard; each state compiles once).
-        unet.compile(mode=fast.compile_mode, dynamic=False)
-        done.append(f"compile-unet({fast.compile_mode})")
+        if fast.compile_backend == "inductor":
+            unet.compile(mode=fast.compile_mode, dynamic=False)
+        else:
+            unet.compile(backend=fast.compile_backend, dynamic=False)
+        done.append(f"compile-unet({fast.compile_backend}, {fast.compile_mode})")
     return done

@@ -27,6 +27,7 @@ def test_table_is_sane(results, stage):
     it = r["iteration_ms"]
     assert r["iterations_timed"] == 2 and r["warmup"] == 0
     assert 0 < it["min"] <= it["p10"] <= it["median"] <= it["p90"] <= it["max"]
+    assert r["iteration_cpu_ms"]["median"] > 0
     # The parts are disjoint intervals of each iteration: they never add up to more than it.
     parts = r["breakdown_ms"]
     assert set(parts) == set(PARTS) | {"other"}
