@@ -33,6 +33,7 @@ culled rather than clipped: every camera in this project sits outside the object
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -72,7 +73,7 @@ class RasterOut:
         return self.triangle_id >= 0
 
 
-def choose_backend(device: torch.device | str, backend: Backend = "auto"):
+def choose_backend(device: torch.device | str, backend: Backend = "auto") -> ModuleType | None:
     """The nvdiffrast module when ``backend`` allows it and it is usable on ``device``, else None."""
     if backend == "torch":
         return None
