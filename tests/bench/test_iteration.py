@@ -65,14 +65,30 @@ def test_stage_settings_follow_the_preset(results):
     assert results["3"]["settings"]["unet_params_m"] > 0
 
 
-def test_command_line_prints_the_table_and_writes_json(tmp_path, capsys, bench_workdir):
+def test_command_line_prints_the_table_and_writes_json(tmp_path, capsys, monkeypatch, results):
+    """The command line parses into the settings run_bench gets, prints the table, writes the JSON
+    (run_bench itself is exercised by the fixture above; here it hands back the 2a result)."""
+    import bench.iteration as iteration
+
+    seen = []
+    monkeypatch.setattr(iteration, "run_bench", lambda s, log=None: seen.append(s) or results["2a"])
     out = tmp_path / "r.json"
-    assert main(["--stage", "2a", "--arch", "tiny", "--preset", "smoke", "--iters", "1", "--warmup", "0",
-                 "--workdir", str(bench_workdir), "--json", str(out)]) == 0
+    assert main(["--stage", "2a", "--arch", "tiny", "--preset", "smoke", "--iters", "7", "--warmup", "2",
+                 "--set", "geometry.resolution=48", "--no-fast", "--json", str(out)]) == 0
+    s = seen[0]
+    assert (s.stage, s.arch, s.iters, s.warmup, s.preset, s.fast) == ("2a", "tiny", 7, 2, "smoke", False)
+    assert s.overrides == {"geometry.resolution": "48"}
     printed = capsys.readouterr().out
+    assert printed.strip() == format_table(results["2a"]).strip()
     assert "stage 2a geometry" in printed and "projected stage time (paper, 5000 it)" in printed
     data = json.loads(out.read_text())
-    assert data["bench_settings"]["stage"] == "2a" and data["iterations_timed"] == 1
+    assert data["bench_settings"]["stage"] == "2a" and data["iterations_timed"] == 2
+
+
+def test_overrides_reach_the_stage(bench_workdir):
+    r = run_bench(BenchSettings(stage="2a", arch="tiny", preset="smoke", iters=1, warmup=0, workdir=str(bench_workdir),
+                                overrides={"geometry.resolution": "24"}))
+    assert r["settings"]["resolution"] == 24 and r["settings"]["latent"] == "3x3"
 
 
 @pytest.mark.parametrize("stage,arch,ok", [("3", "sd21", False), ("1", "sdxl-refiner", False), ("2b", "sd21", True),
