@@ -75,7 +75,10 @@ class ProgressBar:
                 self.stream.write("\n")
                 self._open_line = False
             if kind == "stage_done":
-                self.stream.write(f"[{fields.get('stage')}] done in {self._fmt_seconds(fields.get('seconds'))}\n")
+                metrics = (fields.get("report") or {}).get("metrics") or {}
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+                self.stream.write(f"[{fields.get('stage')}] done in {self._fmt_seconds(fields.get('seconds'))}"
+                                  + (f" ({shown})" if shown else "") + "\n")
             else:
                 self.stream.write(f"[{fields.get('stage', 'job')}] {fields.get('level', 'info')}: {fields.get('message')}\n")
             self.stream.flush()

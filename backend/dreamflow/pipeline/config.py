@@ -169,13 +169,15 @@ def _preview() -> JobConfig:
     return JobConfig(
         prior=PriorConfig(kind="reference"),
         # Stage 1 on a CPU: every level of a 6-level grid up to 64^3 fits its table (dense indexing,
-        # no hashing), 48 samples per ray, larger MLP steps for the short run, and no orientation
-        # loss (its finite-difference normals would triple the density evaluations).
+        # no hashing), 48 samples per ray, 3x the paper's grid and 10x its MLP learning rates for the
+        # short run (measured: NeRF PSNR 20.6 -> 25.8 dB at 240 steps), a lower iso-level for the
+        # softer short-run field (Chamfer 0.038 at level 10 -> 0.023 at 4), and no orientation loss
+        # (its finite-difference normals would triple the density evaluations).
         stage1=replace(NerfStageConfig(), steps=240, resolution=64, samples_per_ray=48,
                        grid=HashGridConfig(levels=6, log2_table_size=18, features_per_level=2, base_resolution=8,
                                            max_resolution=64),
-                       mlp_width=32, lr_mlp=5e-3, lr_background=5e-3, orientation_weight=0.0,
-                       preview_every=25, mesh_every=100, mesh_resolution=96,
+                       mlp_width=32, lr_grid=3e-2, lr_mlp=1e-2, lr_background=1e-2, orientation_weight=0.0,
+                       preview_every=25, mesh_every=100, mesh_resolution=96, mesh_level=4.0,
                        occupancy_resolution=32, occupancy_every=8,
                        method=MethodConfig(schedule=TimestepSchedule("decreasing", 1.0, 0.2, 1), score_model="exact")),
         # Stages 2-3 cost 0.02-0.15 s of CPU per step (measured); the few texture steps of a preview

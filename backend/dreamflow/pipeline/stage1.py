@@ -99,13 +99,36 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
+@torch.no_grad()
+def seen_colour(field: NerfField, points: torch.Tensor, reach: float = 0.06, samples: int = 24) -> torch.Tensor:
+    """The colour the NeRF shows at surface points: composited along a short ray from outside, (N, 3).
+
+    The iso-surface sits in the field's soft outer layer, where the albedo alone is paler than what
+    a camera sees; compositing along the inward normal reproduces the rendered colour.
+    """
+    sigma0 = field.density(points)
+    normals = field.normals(points, sigma0)
+    t = torch.linspace(0.0, 2.0 * reach, samples, device=points.device)
+    start = points + reach * normals
+    pts = start[:, None, :] - t[None, :, None] * normals[:, None, :]
+    sigma, rgb = field(pts.reshape(-1, 3))
+    sigma, rgb = sigma.view(-1, samples), rgb.view(-1, samples, 3)
+    alpha = 1.0 - torch.exp(-sigma * (2.0 * reach / samples))
+    trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha + 1e-10], dim=1), dim=1)[:, :-1]
+    w = alpha * trans
+    opacity = w.sum(1, keepdim=True)
+    colour = (w[..., None] * rgb).sum(1) / opacity.clamp(min=1e-4)
+    return torch.where(opacity > 1e-3, colour, field.albedo(points)).clamp(0.0, 1.0)
+
+
 def nerf_mesh(ctx: JobContext, field: NerfField, final: bool) -> MeshData:
     """The NeRF's surface as a textured mesh: full export settings when final, a quick one otherwise."""
     cfg, ex = ctx.config.stage1, ctx.config.export
     budget = ex.face_budget if final else min(ex.face_budget, 5000)
     tex = ex.texture_size if final else min(ex.texture_size, 256)
     res = cfg.mesh_resolution if final else min(cfg.mesh_resolution, 64)
-    return extract_textured_mesh(field.density, field.albedo, res, cfg.mesh_level, budget, tex, ctx.device)
+    return extract_textured_mesh(field.density, lambda x: seen_colour(field, x), res, cfg.mesh_level, budget, tex,
+                                 ctx.device)
 
 
 def run_stage1(ctx: JobContext) -> None:
