@@ -88,6 +88,8 @@ class OffloadedTextConditioner:
                 torch.cuda.empty_cache()
 
     def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (copy/pickle build the object without __init__)
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 

@@ -79,7 +79,11 @@ def retry_on_oom(attempt: Callable[[], T], ladder: MemoryLadder,
 def install_oom_fallback(loop: Any, ladder: MemoryLadder,
                          on_fallback: Callable[[str, str], None] | None = None) -> None:
     """Make ``loop.step`` (a :class:`~dreamflow.methods.loop.Distillation`) retry an iteration that
-    ran out of memory with the next saver applied; the loop itself is unchanged otherwise."""
+    ran out of memory with the next saver applied; the loop itself is unchanged otherwise.
+
+    A retried iteration draws fresh cameras and noise, and if the error came after D_phi's update
+    that update has happened once already: a fallback is rare (the first iterations, once), so
+    this costs one extra LoRA step, not correctness."""
     step = loop.step
 
     def guarded(info):
