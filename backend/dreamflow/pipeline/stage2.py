@@ -238,6 +238,12 @@ def run_loop(ctx: JobContext, stage: str, problem: Problem, method_cfg: MethodCo
     sampler = CameraSampler(ranges, seed=seed + sum(map(ord, stage)), device=ctx.device)
     loop = Distillation(problem, build_method(method_cfg, seed), prior, score_model, cond, sampler,
                         LoopConfig(steps, views, checkpoint_every=ctx.config.checkpoint_every), seed=seed)
+    # Out-of-memory iterations are retried with the next memory saver (VAE/UNet recomputation, VAE
+    # tiling) instead of failing the job (pipeline/memory_plan.py).
+    from .memory_plan import install_stage_fallback
+
+    install_stage_fallback(loop, lambda what, why: ctx.emit(
+        "log", {"level": "warning", "stage": stage, "message": f"out of memory ({why}); retrying with {what}"}))
     saved = ctx.load_checkpoint(stage)
     if saved is not None:
         loop.load_state_dict(saved["loop"])
