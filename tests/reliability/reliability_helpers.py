@@ -1,7 +1,7 @@
 """Shared pieces of the reliability suite: valid sample messages of every type, frame mutations,
 a ``dreamflow serve`` subprocess, and reading a process's resident memory.
 
-Named uniquely, and no conftest.py in this folder: other folders' tests do ``from conftest import``,
+Named uniquely, and no conftest.py in this folder: other folders' tests do ``from server_support import``,
 which a second conftest.py loaded in the same run could shadow. Test modules import the fixtures
 below by name.
 """
@@ -25,10 +25,6 @@ from hypothesis import strategies as st
 
 from dreamflow.server import Server
 from dreamflow_protocol import PROTOCOL_VERSION, Client, Message, decode, encode, new_id
-
-SERVER_TESTS = Path(__file__).resolve().parent.parent / "server"
-if str(SERVER_TESTS) not in sys.path:
-    sys.path.insert(0, str(SERVER_TESTS))  # runners.StepRunner: the server suite's stand-in job
 
 JOB = "ab" * 16
 
@@ -217,75 +213,5 @@ class RawPeer:
         self.sock.close(linger=0)
 
 
-# ------------------------------------------------------------------------------ in-process servers
-
-class RunningServer:
-    """A :class:`dreamflow.server.Server` serving on a background thread; ``stop()`` ends it."""
-
-    def __init__(self, server: Any) -> None:
-        import threading
-
-        self.server = server
-        self.endpoint = server.open()
-        self.thread = threading.Thread(target=server.serve_forever, name="reliability-server", daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        """Stop the socket loop and the worker; fail if they do not end."""
-        self.server.stop()
-        self.thread.join(20)
-        assert not self.thread.is_alive(), "server thread did not stop"
-
-
-def collect(client: Any, job: str, timeout: float = 30.0, stop_when: Any = None) -> list[Message]:
-    """The job's events as the client delivers them, until a terminal one (or ``stop_when(msg)``)."""
-    from dreamflow_protocol import TERMINAL_TYPES
-
-    events: list[Message] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        msg = client.next_event(timeout=0.2)
-        if msg is None or msg.job != job:
-            continue
-        events.append(msg)
-        if msg.type in TERMINAL_TYPES or (stop_when is not None and stop_when(msg)):
-            return events
-    raise AssertionError(f"job {job} did not finish within {timeout} s; got {[m.type for m in events]}")
-
-
-# ------------------------------------------------------------------------------ fixtures
-
-@pytest.fixture
-def server_factory(tmp_path: Path) -> Callable[..., RunningServer]:
-    """Start servers (StepRunner jobs unless told otherwise); all are stopped after the test."""
-    started: list[RunningServer] = []
-
-    from runners import StepRunner  # tests/server/runners.py (on sys.path, see the top of this module)
-
-    def make(runner: Any = None, store: Path | None = None, bind: str = "tcp://127.0.0.1:*", **kw: Any) -> RunningServer:
-        srv = RunningServer(Server(store or tmp_path / "store", bind, runner=runner or StepRunner(), **kw))
-        started.append(srv)
-        return srv
-
-    yield make
-    for srv in started:
-        if srv.thread.is_alive():
-            srv.stop()
-
-
-@pytest.fixture
-def client_factory() -> Callable[..., Client]:
-    """Connected clients, closed after the test."""
-    clients: list[Client] = []
-
-    def make(endpoint: str, connect: bool = True, **kw: Any) -> Client:
-        kw.setdefault("timeout", 10.0)
-        client = Client(endpoint, **kw)
-        clients.append(client)
-        if connect:
-            client.connect()
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
+# In-process servers, clients and event collection are shared with the server suite.
+from server_support import RunningServer, collect  # noqa: E402,F401

@@ -14,7 +14,7 @@ import pytest
 import zmq
 import zmq.auth
 from reliability_helpers import RawPeer, RunningServer, collect, serve, stop
-from runners import StepRunner
+from server_runners import StepRunner
 
 from dreamflow.cli import main
 from dreamflow.server import Server, ServerConfigError

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_helpers import TINY_REAL_JOB, client_factory, collect, server_factory  # noqa: F401 (fixtures)
-from runners import StepRunner
+from reliability_helpers import TINY_REAL_JOB, collect
+from server_runners import StepRunner
 
 from dreamflow.events import Cancelled, JobControl, RecordingSink
 from dreamflow.methods.loop import Distillation, LoopConfig, Method, NumericalDivergence, Rendered
@@ -45,8 +45,8 @@ with Client(sys.argv[1], timeout=10) as c:
 """
 
 
-def test_a_killed_client_leaves_the_job_running_and_a_new_client_gets_every_event_and_the_result(server_factory, client_factory):
-    srv = server_factory(runner=StepRunner(steps=14, step_seconds=0.05))
+def test_a_killed_client_leaves_the_job_running_and_a_new_client_gets_every_event_and_the_result(make_server, make_client):
+    srv = make_server(runner=StepRunner(steps=14, step_seconds=0.05))
     proc = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, srv.endpoint], stdout=subprocess.PIPE, text=True)
     seen: dict[int, str] = {}
     try:
@@ -58,7 +58,7 @@ def test_a_killed_client_leaves_the_job_running_and_a_new_client_gets_every_even
         proc.send_signal(signal.SIGKILL)  # the add-on's Blender crashed mid-job
         proc.wait(10)
     assert srv.server.store.get(job).state["state"] == "running"
-    late = client_factory(srv.endpoint)
+    late = make_client(srv.endpoint)
     late.subscribe(job, from_seq=0)
     events = collect(late, job, timeout=60)
     assert [m.seq for m in events] == list(range(len(events))) and events[-1].type == "job_done"
@@ -68,27 +68,27 @@ def test_a_killed_client_leaves_the_job_running_and_a_new_client_gets_every_even
     assert files["model.glb"].tobytes() == (srv.server.store.get(job).out_dir / "model.glb").read_bytes()
 
 
-def _finished_job(server_factory, client_factory, store: Path) -> tuple[str, int]:
-    srv = server_factory(runner=StepRunner(steps=6), store=store)
-    client = client_factory(srv.endpoint)
+def _finished_job(make_server, make_client, store: Path) -> tuple[str, int]:
+    srv = make_server(runner=StepRunner(steps=6), store=store)
+    client = make_client(srv.endpoint)
     job = client.submit("finished", preset="smoke")
     n = len(collect(client, job))
     srv.stop()
     return job, n
 
 
-def test_a_torn_event_log_is_cut_on_restart_and_a_lost_terminal_event_is_restored(server_factory, client_factory, tmp_path,
+def test_a_torn_event_log_is_cut_on_restart_and_a_lost_terminal_event_is_restored(make_server, make_client, tmp_path,
                                                                                   caplog):
     store = tmp_path / "store"
-    job, n = _finished_job(server_factory, client_factory, store)
+    job, n = _finished_job(make_server, make_client, store)
     log = store / "jobs" / job / "events.log"
     size = log.stat().st_size
     with open(log, "r+b") as fh:
         fh.truncate(size - 5)  # the job_done record lost its last bytes: a crash mid-append
     caplog.set_level("INFO", logger="dreamflow.server")
-    srv = server_factory(store=store)
+    srv = make_server(store=store)
     assert any("torn" in r.getMessage() for r in caplog.records)
-    client = client_factory(srv.endpoint)
+    client = make_client(srv.endpoint)
     assert client.status(job)["state"] == "done"
     client.subscribe(job, from_seq=0)
     events = collect(client, job)
@@ -97,16 +97,16 @@ def test_a_torn_event_log_is_cut_on_restart_and_a_lost_terminal_event_is_restore
     assert set(client.fetch(job)) == {"model.glb", "report.json"}
 
 
-def test_a_corrupt_event_payload_is_reported_to_its_subscriber_and_the_server_keeps_serving(server_factory, client_factory,
+def test_a_corrupt_event_payload_is_reported_to_its_subscriber_and_the_server_keeps_serving(make_server, make_client,
                                                                                              tmp_path):
     store = tmp_path / "store"
-    job, n = _finished_job(server_factory, client_factory, store)
+    job, n = _finished_job(make_server, make_client, store)
     payloads = sorted((store / "jobs" / job / "events").glob("*.bin"))
     victim = payloads[0]
     victim.write_bytes(victim.read_bytes()[:7])  # bit rot: the file is there but short
     bad_seq = int(victim.stem)
-    srv = server_factory(store=store)
-    client = client_factory(srv.endpoint)
+    srv = make_server(store=store)
+    client = make_client(srv.endpoint)
     client.subscribe(job, from_seq=0)
     events = collect(client, job)
     assert [m.seq for m in events[:-1]] == list(range(bad_seq))
@@ -149,10 +149,10 @@ class AllocateThenFail:
         raise MemoryError(f"synthetic allocation failure after taking {big.numel() * 4 >> 20} MiB")
 
 
-def test_a_job_that_raises_reports_the_error_frees_its_memory_and_the_next_job_runs(server_factory, client_factory):
+def test_a_job_that_raises_reports_the_error_frees_its_memory_and_the_next_job_runs(make_server, make_client):
     runner = AllocateThenFail()
-    srv = server_factory(runner=runner)
-    client = client_factory(srv.endpoint)
+    srv = make_server(runner=runner)
+    client = make_client(srv.endpoint)
     base = torch.cuda.memory_allocated() if runner.device.type == "cuda" else 0
     job = client.submit("doomed", preset="smoke")
     events = collect(client, job)
@@ -261,7 +261,7 @@ def test_cancel_stops_the_loop_within_one_optimisation_step():
 
 # ------------------------------------------------------------------------------ job level
 
-def test_a_diverging_real_job_fails_with_a_clear_message_and_exports_no_mesh(server_factory, client_factory, monkeypatch):
+def test_a_diverging_real_job_fails_with_a_clear_message_and_exports_no_mesh(make_server, make_client, monkeypatch):
     from dreamflow.pipeline import stage1
 
     real_render = stage1.NerfProblem.render
@@ -271,9 +271,9 @@ def test_a_diverging_real_job_fails_with_a_clear_message_and_exports_no_mesh(ser
         return Rendered(out.image * math.nan, out.alpha, out.regulariser)
 
     monkeypatch.setattr(stage1.NerfProblem, "render", nan_render)
-    srv = server_factory(runner=None)
+    srv = make_server(runner=None)
     srv.server.worker.runner = _default_runner()
-    client = client_factory(srv.endpoint)
+    client = make_client(srv.endpoint)
     job = client.submit("diverge", preset="smoke", seed=1, overrides=TINY_REAL_JOB)
     events = collect(client, job, timeout=120)
     assert events[-1].type == "error" and events[-1].fields["code"] == "job_failed"
@@ -290,12 +290,12 @@ def _default_runner():
     return default_runner
 
 
-def test_cancel_stops_a_real_job_within_one_optimisation_step(server_factory, client_factory):
-    srv = server_factory()
+def test_cancel_stops_a_real_job_within_one_optimisation_step(make_server, make_client):
+    srv = make_server()
     srv.server.worker.runner = _default_runner()
-    client = client_factory(srv.endpoint)
+    client = make_client(srv.endpoint)
     job = client.submit("cancel me", preset="smoke", seed=2, overrides=dict(TINY_REAL_JOB, **{"stage1.steps": 500}))
-    progress = collect(client, job, timeout=120, stop_when=lambda m: m.type == "progress" and m.fields["step"] >= 3)
+    progress = collect(client, job, timeout=120, stop=lambda m: m.type == "progress" and m.fields["step"] >= 3)
     steps = [m for m in progress if m.type == "progress"]
     step_seconds = (steps[-1].fields["elapsed"] - steps[-2].fields["elapsed"])
     start = time.monotonic()
@@ -308,7 +308,7 @@ def test_cancel_stops_a_real_job_within_one_optimisation_step(server_factory, cl
     assert client.status(job)["state"] == "cancelled" and not (srv.server.store.get(job).out_dir / "model.glb").exists()
 
 
-def test_a_torn_checkpoint_found_on_restart_is_reported_and_the_stage_starts_again(server_factory, client_factory, tmp_path):
+def test_a_torn_checkpoint_found_on_restart_is_reported_and_the_stage_starts_again(make_server, make_client, tmp_path):
     from dreamflow.server import JobStore
 
     store = JobStore(tmp_path / "store")
@@ -316,8 +316,8 @@ def test_a_torn_checkpoint_found_on_restart_is_reported_and_the_stage_starts_aga
                         "overrides": dict(TINY_REAL_JOB, **{"stage1.steps": 4})}, {})
     job.save_state(state="running")  # the server died while it ran...
     (job.checkpoint_dir / "stage1.pt").write_bytes(b"PK\x03\x04" + bytes(range(200)))  # ...and its checkpoint is damaged
-    srv = server_factory(runner=_default_runner(), store=tmp_path / "store")
-    client = client_factory(srv.endpoint)
+    srv = make_server(runner=_default_runner(), store=tmp_path / "store")
+    client = make_client(srv.endpoint)
     client.subscribe(job.job_id, from_seq=0)
     events = collect(client, job.job_id, timeout=180)
     logs = [m.fields["message"] for m in events if m.type == "log"]
@@ -329,7 +329,7 @@ def test_a_torn_checkpoint_found_on_restart_is_reported_and_the_stage_starts_aga
     assert client.status(job.job_id)["resumes"] == 1
 
 
-def test_a_job_that_cannot_record_its_end_does_not_take_the_worker_with_it(server_factory, client_factory, monkeypatch):
+def test_a_job_that_cannot_record_its_end_does_not_take_the_worker_with_it(make_server, make_client, monkeypatch):
     from dreamflow.server.store import JobRecord
 
     real_append = JobRecord.append_event
@@ -340,8 +340,8 @@ def test_a_job_that_cannot_record_its_end_does_not_take_the_worker_with_it(serve
         return real_append(self, msg)
 
     monkeypatch.setattr(JobRecord, "append_event", disk_full_for_errors)
-    srv = server_factory(runner=StepRunner(steps=3, fail_at=1))
-    client = client_factory(srv.endpoint)
+    srv = make_server(runner=StepRunner(steps=3, fail_at=1))
+    client = make_client(srv.endpoint)
     doomed = client.submit("fails on a full disk", preset="smoke")
     deadline = time.monotonic() + 30
     while client.status(doomed)["state"] != "failed" and time.monotonic() < deadline:

@@ -31,7 +31,7 @@ def test_sigkill_mid_stage_resumes_from_the_last_checkpoint_and_loses_nothing(tm
     try:
         client.connect()
         job = client.submit("a small house", preset="smoke", seed=1, overrides=dict(TINY_REAL_JOB, **{"stage1.steps": STEPS}))
-        before = collect(client, job, timeout=240, stop_when=lambda m: m.type == "progress" and m.fields["step"] >= 5)
+        before = collect(client, job, timeout=240, stop=lambda m: m.type == "progress" and m.fields["step"] >= 5)
         os.kill(proc.pid, signal.SIGKILL)  # no clean-up of any kind: a power cut or the OOM killer
         proc.wait(30)
 

@@ -10,8 +10,7 @@ import gc
 import threading
 import time
 
-from reliability_helpers import client_factory, server_factory  # noqa: F401 (fixtures)
-from runners import StepRunner
+from server_runners import StepRunner
 
 from dreamflow_protocol import TERMINAL_TYPES, Client, Message, ServerBusy
 
@@ -20,10 +19,10 @@ PINGS = 15
 MAX_QUEUE = 4
 
 
-def test_twenty_clients_submit_subscribe_and_ping_while_jobs_compute(server_factory, client_factory):
+def test_twenty_clients_submit_subscribe_and_ping_while_jobs_compute(make_server, make_client):
     runner = StepRunner(steps=12, step_seconds=0.03)
-    srv = server_factory(runner=runner, max_queue=MAX_QUEUE)
-    clients = [client_factory(srv.endpoint, heartbeat=0.5, timeout=20) for _ in range(CLIENTS)]
+    srv = make_server(runner=runner, max_queue=MAX_QUEUE)
+    clients = [make_client(srv.endpoint, heartbeat=0.5, timeout=20) for _ in range(CLIENTS)]
     first = clients[0].submit("the first job", preset="smoke")
     assert runner.started.wait(20)
     start = threading.Barrier(CLIENTS)

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from reliability_helpers import client_factory, collect, server_factory  # noqa: F401 (fixtures)
-from runners import StepResult, StepRunner
+from reliability_helpers import collect
+from server_runners import StepResult, StepRunner
 
 from dreamflow.server import JobStore, Server, ServerConfigError
 from dreamflow.server.store import StoreError
@@ -63,9 +63,9 @@ def test_a_crash_mid_prune_leaves_no_half_job(tmp_path):
     assert _gone(trash)
 
 
-def test_the_server_keeps_at_most_keep_jobs_finished_jobs(server_factory, client_factory):
-    srv = server_factory(runner=StepRunner(steps=1), keep_jobs=2)
-    client = client_factory(srv.endpoint)
+def test_the_server_keeps_at_most_keep_jobs_finished_jobs(make_server, make_client):
+    srv = make_server(runner=StepRunner(steps=1), keep_jobs=2)
+    client = make_client(srv.endpoint)
     jobs = []
     for i in range(4):
         jobs.append(client.submit(f"job {i}", preset="smoke"))
@@ -108,9 +108,9 @@ class EscapingRunner(StepRunner):
         return StepResult({"glb": "model.glb", "stolen": "../spec.json"}, {})
 
 
-def test_a_pipeline_reporting_files_outside_the_store_fails_the_job_by_name(server_factory, client_factory):
-    srv = server_factory(runner=EscapingRunner(steps=1))
-    client = client_factory(srv.endpoint)
+def test_a_pipeline_reporting_files_outside_the_store_fails_the_job_by_name(make_server, make_client):
+    srv = make_server(runner=EscapingRunner(steps=1))
+    client = make_client(srv.endpoint)
     job = client.submit("escape", preset="smoke")
     end = collect(client, job)[-1]
     assert end.type == "error" and "'../spec.json' that is not a file inside the job's out folder" in end.fields["message"]

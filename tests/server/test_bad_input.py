@@ -6,7 +6,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from runners import StepRunner
+from server_runners import StepRunner
 
 from dreamflow_protocol import PROTOCOL_VERSION, Limits, Message, decode, encode, new_id
 

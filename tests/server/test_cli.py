@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import collect
-from runners import StepRunner
+from server_support import collect
+from server_runners import StepRunner
 
 from dreamflow.cli import main
 from dreamflow_protocol import Client, ConnectionTimeout

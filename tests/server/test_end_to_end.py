@@ -6,7 +6,7 @@ import io
 
 import pytest
 import trimesh
-from conftest import RunningServer, collect
+from server_support import RunningServer, collect
 
 from dreamflow.export.mesh import MeshData
 from dreamflow.server import Server

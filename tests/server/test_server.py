@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import collect
-from runners import StepRunner, cube_mesh
+from server_support import collect
+from server_runners import StepRunner, cube_mesh
 
 from dreamflow.server import JobStore, Server, ServerConfigError, is_loopback
 from dreamflow_protocol import ConnectionTimeout, ProtocolError, RequestError, ServerBusy

@@ -1,8 +1,8 @@
-"""Fixtures: in-process servers on free loopback ports, clients, and event collection."""
+"""In-process servers on free loopback ports, clients and event collection, shared by the server and
+reliability suites (fixtures are registered by tests/conftest.py)."""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from pathlib import Path
@@ -11,11 +11,9 @@ from typing import Any, Callable
 import pytest
 import zmq
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from dreamflow.server import Server  # noqa: E402
-from dreamflow_protocol import TERMINAL_TYPES, Client, Message  # noqa: E402
-from runners import StepRunner  # noqa: E402
+from dreamflow.server import Server
+from dreamflow_protocol import TERMINAL_TYPES, Client, Message
+from server_runners import StepRunner
 
 
 class RunningServer:
@@ -35,6 +33,7 @@ class RunningServer:
         self.thread.start()
 
     def stop(self) -> None:
+        """Stop the socket loop and the worker; fail if they do not end."""
         self.server.stop()
         self.thread.join(15)
         assert not self.thread.is_alive(), "server thread did not stop"
@@ -42,6 +41,7 @@ class RunningServer:
 
 @pytest.fixture
 def make_server(tmp_path: Path) -> Callable[..., RunningServer]:
+    """Start servers (StepRunner jobs unless told otherwise); all are stopped after the test."""
     started: list[RunningServer] = []
 
     def make(runner: Any = None, store: Path | None = None, bind: str = "tcp://127.0.0.1:*", **kw: Any) -> RunningServer:
@@ -57,6 +57,7 @@ def make_server(tmp_path: Path) -> Callable[..., RunningServer]:
 
 @pytest.fixture
 def make_client() -> Callable[..., Client]:
+    """Connected clients, closed after the test."""
     clients: list[Client] = []
 
     def make(endpoint: str, connect: bool = True, **kw: Any) -> Client:
