@@ -1,18 +1,8 @@
 """Tiny random diffusers pipelines on disk, built once per test session."""
 
 import pytest
-import torch
 
 from dreamflow.priors.tiny import tiny_sdxl_refiner, tiny_stable_diffusion
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny UNets: one intra-op thread is faster than two and leaves the other core free."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
