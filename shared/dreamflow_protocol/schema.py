@@ -369,7 +369,8 @@ SCHEMAS: dict[str, MessageSchema] = {
     "accepted": MessageSchema(job="required", fields={"position": _req(Int(0, 10**6)), "state": _req(Str(16, choices=JOB_STATES))}),
     "progress": MessageSchema(job="required", seq="optional", fields={
         "stage": _req(STAGE), "step": _req(Int(0, 10**9)), "total": _req(Int(0, 10**9)),
-        "loss": _opt(Nullable(Float())), "eta": _opt(Nullable(Float(0.0))), "elapsed": _opt(Float(0.0)),
+        "loss": _opt(Nullable(Float())), "grad_norm": _opt(Nullable(Float(0.0))),
+        "eta": _opt(Nullable(Float(0.0))), "elapsed": _opt(Float(0.0)),
         "t": _opt(Nullable(Float())), "stage_index": _opt(Int(0, 16)), "stage_count": _opt(Int(0, 16))}),
     "preview": MessageSchema(job="required", seq="optional", fields={"stage": _req(STAGE), "step": _req(Int(0, 10**9))},
                              arrays=IMAGE_ARRAYS, required_arrays=("image",)),
