@@ -38,7 +38,7 @@ from ..scene.texture_field import TextureField
 from .components import build_score_model, get_prior
 from .config import RefineStageConfig, TextureStageConfig
 from .context import JobContext, ProgressTimer, StageRecord
-from .metrics import chamfer_relative, held_out_cameras, psnr
+from .metrics import evaluate_mesh as evaluate  # noqa: F401 (stage2.evaluate: the mesh stages' yardstick)
 from .stage1 import to_uint8
 
 #: Where previews look from: a three-quarter front view, as a person would first look at an object.
@@ -214,10 +214,6 @@ def new_texture_field(cfg: TextureStageConfig, device: torch.device, seed: int =
 # -- running a stage inside a job -------------------------------------------------------------------
 GEOMETRY = "geometry"
 TEXTURE = "texture"
-#: Metrics of every mesh stage are measured like the job's final quality (export.view_resolution when set).
-EVAL_RESOLUTION = 128
-
-
 def with_start(method: MethodConfig, start_t: float | None) -> MethodConfig:
     """The stage's method with its schedule starting no later than ``start_t`` (lower = closer to the input)."""
     if start_t is None:
@@ -274,24 +270,6 @@ def output_mesh(ctx: JobContext, mesh: MeshData) -> MeshData:
     """A mesh as the job sends it: back in the input's coordinates when the input was moved into the box."""
     frame = ctx.cache.get("input_frame")
     return mesh if frame is None else frame.from_box(mesh)
-
-
-def evaluate(ctx: JobContext, mesh: MeshData) -> dict[str, float]:
-    """``psnr_db`` of held-out views of the textured mesh and ``chamfer_rel`` against the reference."""
-    metrics = {"faces": float(len(mesh.faces)), "vertices": float(len(mesh.vertices))}
-    if ctx.reference is None or mesh.texture is None:
-        return metrics
-    cams = held_out_cameras()
-    res = int(getattr(ctx.config.export, "view_resolution", EVAL_RESOLUTION))
-    v = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=ctx.device)
-    f = torch.as_tensor(mesh.faces, dtype=torch.long, device=ctx.device)
-    uv = torch.as_tensor(mesh.uvs, dtype=torch.float32, device=ctx.device)
-    tex = torch.as_tensor(mesh.texture[..., :3], device=ctx.device).float() / 255.0
-    with torch.no_grad():
-        img = render_mesh(v, f, cams.to(ctx.device), res, uvs=uv, texture=tex, background=1.0).image
-    metrics["psnr_db"] = psnr(img.clamp(0, 1), ctx.reference.render(cams, res)[0])
-    metrics["chamfer_rel"] = chamfer_relative(mesh, ctx.reference.mesh)
-    return metrics
 
 
 def incoming_metrics(ctx: JobContext) -> dict[str, float]:
