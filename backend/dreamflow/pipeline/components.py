@@ -55,6 +55,9 @@ def get_prior(ctx: JobContext) -> Prior:
             # SD renders are 256 px in the paper; the VAE sees them at its native 512.
             prior = StableDiffusionPrior.from_pretrained(cfg.model, device=ctx.device, dtype=cfg.dtype,
                                                          local_files_only=cfg.local_files_only, encode_size=512)
+        from ..fastpath import apply_fast_path, for_device
+
+        apply_fast_path(prior, for_device(ctx.device), ctx.device)  # SDPA; on CUDA also NHWC, TF32, encoder offload
     ctx.cache["prior"] = prior
     return prior
 

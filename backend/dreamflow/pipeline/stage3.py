@@ -55,6 +55,9 @@ def refiner_prior(ctx: JobContext) -> Prior:
         prior = SdxlRefinerPrior.from_pretrained(cfg.refiner_model, device=ctx.device, dtype=cfg.dtype,
                                                  local_files_only=cfg.local_files_only)
     enable_memory_savers(prior, ctx.device)
+    from ..fastpath import apply_fast_path, for_device
+
+    apply_fast_path(prior, for_device(ctx.device), ctx.device)  # SDPA; on CUDA also NHWC, TF32, encoder offload
     ctx.cache["refiner"] = prior
     return prior
 
