@@ -18,7 +18,6 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from ..scene.cameras import VIEW_SUFFIXES, Cameras, view_suffix
@@ -117,13 +116,10 @@ class UNetDenoiser:
         self.levels = levels
         self.prediction_type = prediction_type
         self.dtype = dtype
-        self._log_sigmas = np.log(levels.sigmas.numpy())
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The fractional DDPM step whose sigma is ``sigma`` (inverse of the linear interpolation)."""
-        s = sigma.detach().double().cpu().numpy()
-        steps = np.interp(s, self.levels.sigmas.numpy(), np.arange(self.levels.num_steps, dtype=np.float64))
-        return torch.as_tensor(steps, dtype=torch.float32)
+        return self.levels.step_of_sigma(sigma)
 
     def model_input(self, x_noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """DDPM-scale UNet input ``x_noisy / sqrt(1 + sigma^2)``."""
@@ -141,7 +137,7 @@ class UNetDenoiser:
         """The UNet's raw prediction (epsilon or v), float32, for EDM-scale ``x_noisy``."""
         sigma = as_sigma(sigma, x_noisy).reshape(-1)
         x_in = self.model_input(x_noisy.float(), sigma).to(self.dtype)
-        t = self.timestep(sigma).to(x_noisy.device)
+        t = self.timestep(sigma)
         return self.unet(x_in, t, **_unet_kwargs(embeds, self.dtype)).sample.float()
 
     def __call__(self, x_noisy: torch.Tensor, sigma: torch.Tensor, embeds: dict[str, torch.Tensor]) -> torch.Tensor:

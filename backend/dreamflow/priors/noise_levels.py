@@ -38,6 +38,20 @@ class DdpmNoiseLevels:
         s = self.sigmas[lo] * (1.0 - frac) + self.sigmas[hi] * frac
         return s.to(torch.float32)
 
+    def step_of_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Fractional DDPM step whose (interpolated) sigma is ``sigma``; the inverse of sigma(t * 1000).
+
+        Computed on ``sigma``'s device with searchsorted, so a UNet call costs no device-to-host sync
+        (which would also break CUDA graphs); outside the table it clamps to the first/last step.
+        """
+        wide = torch.float32 if sigma.device.type == "mps" else torch.float64
+        table = self.sigmas.to(sigma.device, wide)
+        s = sigma.detach().to(wide)
+        hi = torch.searchsorted(table, s).clamp(1, self.num_steps - 1)
+        lo_s, hi_s = table[hi - 1], table[hi]
+        frac = ((s - lo_s) / (hi_s - lo_s)).clamp(0.0, 1.0)
+        return ((hi - 1).to(wide) + frac).to(torch.float32)
+
     def alpha_bar(self, sigma: torch.Tensor) -> torch.Tensor:
         """``abar = 1 / (1 + sigma^2)``: the DDPM signal level of an EDM noise level."""
         return 1.0 / (1.0 + sigma * sigma)
