@@ -207,13 +207,16 @@ class Distillation:
         loss = 0.5 * diff.pow(2).sum() / batch
         total = loss if out.regulariser is None else loss + out.regulariser
         self.optimiser.zero_grad(set_to_none=True)
-        total.backward()
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimiser.param_groups for p in g["params"]],
-                                           self.config.grad_clip)
         grad_norm = float(diff.detach().flatten(1).norm(dim=1).mean())
         loss_value = float(total.detach())
-        if math.isfinite(loss_value):
+        # A view that sees none of the object (a flat mesh edge-on, a camera past a thin part)
+        # renders only background: its gradient on the parameters is zero, so there is nothing to
+        # step, and backward() on a graph-less tensor would raise.
+        if total.requires_grad and math.isfinite(loss_value):
+            total.backward()
+            if self.config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in self.optimiser.param_groups for p in g["params"]],
+                                               self.config.grad_clip)
             self.optimiser.step()
             self.problem.after_step(info.index)
         return StepReport(info.index, len(self.plan), info.t, result.sigma, loss_value, grad_norm,
