@@ -54,3 +54,25 @@ def test_a_real_job_cancels_and_another_arrives_live_in_place(addon, real_server
     image = next(n for n in obj.data.materials[0].node_tree.nodes if n.type == "TEX_IMAGE").image
     assert image.size[0] > 0 and image.packed_file is not None                     # packed with the final mesh
     assert bpy.data.images.get(job.preview_image) is not None
+
+    # The artist edits that object and sends it back: texture-only refinement through the real
+    # pipeline keeps the edit (same triangles, the moved vertex where the artist put it) and
+    # updates the same Object in place.
+    for o in bpy.context.view_layer.objects:
+        o.select_set(False)
+    obj.select_set(True)
+    bpy.context.view_layer.objects.active = obj
+    obj.data.vertices[0].co.z += 0.05
+    edited = obj.data.vertices[0].co.copy()
+    n_polys = len(obj.data.polygons)
+    s.texture.enabled = True
+    s.extra_overrides = "prior.kind=reference; texture.steps=2; texture.mesh_every=1"
+    s.refine_start_stage = "texture"
+    s.refine_start_t = 0.3
+    assert bpy.ops.dreamflow.refine_selected() == {"FINISHED"}
+    refine = s.jobs[2]
+    pump(addon, lambda: refine.state in ("done", "failed", "cancelled"), timeout=300)
+    assert refine.state == "done", refine.message
+    assert obj.get("dreamflow_job") == refine.job_id and obj.name in bpy.data.objects
+    assert len(obj.data.polygons) == n_polys
+    assert min((v.co - edited).length for v in obj.data.vertices) < 1e-4
