@@ -19,6 +19,8 @@ def test_texture_refinement_of_a_flat_grid_keeps_its_topology(tmp_path):
     cfg = build_config("smoke", {"prior.kind": "reference"}, prompt="")
     sink = RecordingSink()
     run_job(cfg, tmp_path, sink, JobControl(), input_mesh=mesh, start_stage="texture", start_t=0.3)
+    progress = [f for _, f, _ in sink.of_kind("progress")]
+    assert progress and all(f["grad_norm"] >= 0 and f["stage"] in ("texture", "refine") for f in progress)
     final = [a for kind, f, a in sink.of_kind("mesh") if f.get("final")][-1]
     assert len(final["faces"]) == len(faces)
     assert np.allclose(np.sort(final["vertices"], axis=0), np.sort(vertices, axis=0), atol=1e-5)

@@ -9,7 +9,7 @@ the CLI (``stage1.steps=200``) and from the protocol's job spec.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Mapping
 
 from ..config import ConfigError, apply_overrides

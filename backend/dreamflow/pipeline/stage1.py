@@ -15,20 +15,19 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-import numpy as np
 import torch
 
 from ..export.extract import extract_textured_mesh
-from ..export.mesh import MeshData, MeshError
-from ..methods.loop import Distillation, LoopConfig, Problem, Rendered, StepReport
-from ..methods.registry import build_method
+from ..export.mesh import MeshData
+from ..methods.loop import Problem, Rendered
 from ..render.volume import OccupancyGrid, render_cameras
-from ..scene.cameras import Cameras, CameraSampler
+from ..scene.cameras import Cameras
 from ..scene.nerf import FieldSettings, NerfField
 from .components import build_score_model, get_prior
 from .config import NerfStageConfig
-from .context import JobContext, ProgressTimer, StageRecord
+from .context import JobContext, StageRecord
 from .metrics import evaluate_mesh, held_out_cameras, psnr
+from .stage_loop import run_stage_loop
 
 STAGE = "stage1"
 #: The view shown in previews: front-right, slightly from above.
@@ -94,11 +93,6 @@ class NerfProblem(Problem):
             self.occupancy.update(self.field.density, self.generator)
 
 
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8."""
-    return (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
-
-
 @torch.no_grad()
 def seen_colour(field: NerfField, points: torch.Tensor, reach: float = 0.06, samples: int = 24) -> torch.Tensor:
     """The colour the NeRF shows at surface points: composited along a short ray from outside, (N, 3).
@@ -144,51 +138,21 @@ def run_stage1(ctx: JobContext) -> None:
         t0 = min(sched.t_start, float(ctx.start_t))
         method_cfg = replace(method_cfg, schedule=replace(sched, t_start=t0, t_end=min(sched.t_end, t0)))
     score_model, score_name = build_score_model(ctx, prior, method_cfg, STAGE)
-    method = build_method(method_cfg, seed)
     field = NerfField(field_settings(cfg), ctx.device, seed=seed)
     # Bounded memory at the paper's settings (pipeline/memory_plan.py): checkpointed ray chunks when
     # the whole render's graph would not fit; None (one graph, as before) when it does.
-    from .memory_plan import ChunkedNerfProblem, gpu_budget_bytes, install_stage_fallback, plan_ray_chunk
+    from .memory_plan import ChunkedNerfProblem, gpu_budget_bytes, plan_ray_chunk  # memory_plan imports this module
 
     chunk = plan_ray_chunk(cfg.views_per_iteration * cfg.resolution ** 2, cfg.samples_per_ray, cfg.grid.levels,
                            gpu_budget_bytes(ctx.device))
     problem = ChunkedNerfProblem.wrap(NerfProblem(field, cfg, ctx.device, seed), chunk)
     cond = prior.condition(ctx.config.prompt, ctx.config.negative_prompt, method_cfg.guidance)
-    sampler = CameraSampler(cfg.cameras, seed=seed, device=ctx.device)
-    loop = Distillation(problem, method, prior, score_model, cond, sampler,
-                        LoopConfig(cfg.steps, cfg.views_per_iteration, checkpoint_every=ctx.config.checkpoint_every),
-                        seed=seed)
-    install_stage_fallback(loop, lambda what, why: ctx.emit(
-        "log", {"level": "warning", "stage": STAGE, "message": f"out of memory ({why}); retrying with {what}"}))
-    saved = ctx.load_checkpoint(STAGE)
-    if saved is not None:
-        loop.load_state_dict(saved["loop"])
-    total = len(loop.plan)
-    timer = ProgressTimer(total, loop.state.iteration)
     preview_cam = Cameras.make(device=ctx.device, **PREVIEW_VIEW)
-
-    def on_step(r: StepReport) -> None:
-        step = r.index + 1
-        ctx.emit("progress", {"stage": STAGE, "step": step, "total": total, "loss": r.loss, "t": r.t,
-                              "elapsed": timer.elapsed(), "eta": timer.eta(step), **ctx.stage_position(STAGE)})
-        if cfg.preview_every > 0 and step % cfg.preview_every == 0 and step < total:
-            ctx.emit("preview", {"stage": STAGE, "step": step},
-                     {"image": to_uint8(problem.render_views(preview_cam, cfg.resolution)[0])})
-        if cfg.mesh_every > 0 and step % cfg.mesh_every == 0 and step < total:
-            try:
-                quick = nerf_mesh(ctx, field, final=False)
-            except MeshError as exc:  # an intermediate field may hold no surface yet; the job goes on
-                ctx.emit("log", {"level": "warning", "stage": STAGE, "message": f"no intermediate mesh at step {step}: {exc}"})
-            else:
-                ctx.emit("mesh", {"stage": STAGE, "step": step, "final": False}, quick.arrays())
-
-    def checkpoint(state: dict) -> None:
-        ctx.save_checkpoint(STAGE, {"stage": STAGE, "loop": state})
-
-    history = loop.run(on_step, ctx.control, checkpoint)
-    ctx.save_checkpoint(STAGE, {"stage": STAGE, "loop": loop.state_dict()})
-    ctx.emit("preview", {"stage": STAGE, "step": total},
-             {"image": to_uint8(problem.render_views(preview_cam, cfg.resolution)[0])})
+    history = run_stage_loop(ctx, STAGE, problem, method_cfg, cfg.steps, cfg.views_per_iteration, prior, score_model,
+                             cond, cfg.cameras, seed, cfg.preview_every,
+                             lambda: problem.render_views(preview_cam, cfg.resolution),
+                             cfg.mesh_every, lambda: nerf_mesh(ctx, field, final=False))
+    total = cfg.steps
     mesh = nerf_mesh(ctx, field, final=True)
     ctx.emit("mesh", {"stage": STAGE, "step": total, "final": True}, mesh.arrays())
     ctx.mesh = mesh

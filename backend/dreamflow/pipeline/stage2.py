@@ -28,18 +28,18 @@ import torch
 import torch.nn.functional as F
 
 from ..export.mesh import MeshData, MeshError
-from ..methods.loop import Distillation, LoopConfig, Problem, Rendered, StepReport
-from ..methods.registry import MethodConfig, build_method
-from ..priors.base import Conditioning, Prior, ScoreModel
+from ..methods.loop import Problem, Rendered, StepReport
+from ..methods.registry import MethodConfig
+from ..priors.base import Prior, ScoreModel
 from ..render.raster import NORMAL_BACKGROUND, antialias, interpolate, rasterize, render_mesh, vertex_normals
-from ..scene.cameras import CameraRanges, Cameras, CameraSampler
+from ..scene.cameras import Cameras
 from ..scene.dmtet import DMTet, laplacian_smoothness, normal_consistency
 from ..scene.texture_field import TextureField
 from .components import build_score_model, get_prior
 from .config import RefineStageConfig, TextureStageConfig
-from .context import JobContext, ProgressTimer, StageRecord
+from .context import JobContext, StageRecord
 from .metrics import evaluate_mesh as evaluate  # noqa: F401 (stage2.evaluate: the mesh stages' yardstick)
-from .stage1 import to_uint8
+from .stage_loop import run_stage_loop
 
 #: Where previews look from: a three-quarter front view, as a person would first look at an object.
 PREVIEW_CAMERA = dict(azimuth_deg=30.0, elevation_deg=15.0, distance=1.3, fovy_deg=50.0)
@@ -225,45 +225,9 @@ def with_start(method: MethodConfig, start_t: float | None) -> MethodConfig:
     return replace(method, schedule=replace(sched, t_start=t0, t_end=min(sched.t_end, t0)))
 
 
-def run_loop(ctx: JobContext, stage: str, problem: Problem, method_cfg: MethodConfig, steps: int, views: int,
-             prior: Prior, score_model: ScoreModel, cond: Conditioning, ranges: CameraRanges,
-             preview_every: int, preview: Callable[[], torch.Tensor],
-             mesh_every: int, mesh: Callable[[], MeshData]) -> list[StepReport]:
-    """One stage's loop with progress/preview/mesh events, checkpoints and resume; the step history."""
-    seed = ctx.config.seed
-    sampler = CameraSampler(ranges, seed=seed + sum(map(ord, stage)), device=ctx.device)
-    loop = Distillation(problem, build_method(method_cfg, seed), prior, score_model, cond, sampler,
-                        LoopConfig(steps, views, checkpoint_every=ctx.config.checkpoint_every), seed=seed)
-    # Out-of-memory iterations are retried with the next memory saver (VAE/UNet recomputation, VAE
-    # tiling) instead of failing the job (pipeline/memory_plan.py).
-    from .memory_plan import install_stage_fallback
-
-    install_stage_fallback(loop, lambda what, why: ctx.emit(
-        "log", {"level": "warning", "stage": stage, "message": f"out of memory ({why}); retrying with {what}"}))
-    saved = ctx.load_checkpoint(stage)
-    if saved is not None:
-        loop.load_state_dict(saved["loop"])
-    total = len(loop.plan)
-    timer = ProgressTimer(total, loop.state.iteration)
-
-    def on_step(r: StepReport) -> None:
-        step = r.index + 1
-        ctx.emit("progress", {"stage": stage, "step": step, "total": total, "loss": r.loss, "t": r.t,
-                              "elapsed": timer.elapsed(), "eta": timer.eta(step), **ctx.stage_position(stage)})
-        if preview_every > 0 and step % preview_every == 0 and step < total:
-            with torch.no_grad():
-                ctx.emit("preview", {"stage": stage, "step": step}, {"image": to_uint8(preview()[0])})
-        if mesh_every > 0 and step % mesh_every == 0 and step < total:
-            ctx.emit("mesh", {"stage": stage, "step": step, "final": False}, output_mesh(ctx, mesh()).arrays())
-
-    def checkpoint(state: dict) -> None:
-        ctx.save_checkpoint(stage, {"stage": stage, "loop": state})
-
-    history = loop.run(on_step, ctx.control, checkpoint)
-    ctx.save_checkpoint(stage, {"stage": stage, "loop": loop.state_dict()})
-    with torch.no_grad():
-        ctx.emit("preview", {"stage": stage, "step": total}, {"image": to_uint8(preview()[0])})
-    return list(history)
+def camera_seed(ctx: JobContext, stage: str) -> int:
+    """Each mesh stage draws its own camera sequence (stage 1 uses the job's seed itself)."""
+    return ctx.config.seed + sum(map(ord, stage))
 
 
 def output_mesh(ctx: JobContext, mesh: MeshData) -> MeshData:
@@ -374,8 +338,9 @@ def run_geometry_stage(ctx: JobContext) -> None:
             v, f = dmtet.mesh()
         return surface_mesh(v, f)
 
-    history = run_loop(ctx, GEOMETRY, problem, method_cfg, cfg.steps, cfg.views_per_iteration, prior, score_model,
-                       cond, cfg.cameras, cfg.preview_every, preview, cfg.mesh_every, mesh)
+    history = run_stage_loop(ctx, GEOMETRY, problem, method_cfg, cfg.steps, cfg.views_per_iteration, prior, score_model,
+                             cond, cfg.cameras, camera_seed(ctx, GEOMETRY), cfg.preview_every, preview,
+                             cfg.mesh_every, lambda: output_mesh(ctx, mesh()))
     with torch.no_grad():
         v, f = dmtet.mesh()
     surface = simplify(surface_mesh(v, f), ctx.config.export.face_budget)
@@ -438,8 +403,9 @@ def run_colour_stage(ctx: JobContext, stage: str, cfg: TextureStageConfig | Refi
             tex = bake_texture(m, lambda p: field(p.to(ctx.device)), size, device=ctx.device)
         return MeshData(m.vertices, m.faces, m.normals, m.uvs, tex)
 
-    history = run_loop(ctx, stage, problem, method_cfg, cfg.steps, cfg.views_per_iteration, prior, score_model,
-                       cond, cfg.cameras, cfg.preview_every, preview, cfg.mesh_every, mesh)
+    history = run_stage_loop(ctx, stage, problem, method_cfg, cfg.steps, cfg.views_per_iteration, prior, score_model,
+                             cond, cfg.cameras, camera_seed(ctx, stage), cfg.preview_every, preview,
+                             cfg.mesh_every, lambda: output_mesh(ctx, mesh()))
     if problem.offsets is not None:
         ctx.cache["surface"] = (problem.vertices().detach(), f, uvs)
     final = mesh(tex_size)
