@@ -12,14 +12,6 @@ from dreamflow.render.raster import (antialias, interpolate, rasterize, render_m
 from dreamflow.scene.cameras import Cameras, orbit
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a shared 2-core machine OpenMP spinning makes small tensor ops many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 BACKENDS = ["torch"] + (["nvdiffrast"] if accel.nvdiffrast("cuda") is not None else [])
 DEVICE = {"torch": "cpu", "nvdiffrast": "cuda"}
 

@@ -13,15 +13,6 @@ from dreamflow.pipeline.refine_input import InputFrame, validate_input_mesh
 from dreamflow.pipeline.stage2 import textured_mesh
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a shared 2-core machine OpenMP spinning makes small tensor ops many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _box() -> MeshData:
     b = trimesh.creation.box(extents=(0.5, 0.4, 0.3))
     return MeshData(np.asarray(b.vertices, np.float32), np.asarray(b.faces, np.int32))

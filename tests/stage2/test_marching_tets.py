@@ -11,15 +11,6 @@ from dreamflow.scene.dmtet import DMTet, laplacian_smoothness, normal_consistenc
 from dreamflow.scene.tets import make_tet_grid, marching_tets
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a shared 2-core machine OpenMP spinning makes small tensor ops many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_grid_is_conforming_with_positive_tetrahedra():
     g = make_tet_grid(3)
     assert g.vertices.shape == (64, 3) and g.tets.shape == (6 * 27, 4)

@@ -1,7 +1,6 @@
 """Refining an input mesh against the exact reference-object prior (the built-in house)."""
 
 import numpy as np
-import pytest
 import torch
 
 from dreamflow.events import JobControl, RecordingSink
@@ -14,15 +13,6 @@ from dreamflow.pipeline.job import run_job
 from dreamflow.pipeline.metrics import chamfer_relative
 from dreamflow.pipeline.stage2 import evaluate
 from dreamflow.scene.reference_object import builtin_house
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a shared 2-core machine OpenMP spinning makes small tensor ops many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _final_mesh(sink: RecordingSink, stage: str) -> dict:

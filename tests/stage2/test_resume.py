@@ -3,22 +3,12 @@ uninterrupted run ends."""
 
 import numpy as np
 import pytest
-import torch
 
 from dreamflow.events import Cancelled, JobControl, RecordingSink
 from dreamflow.export.mesh import MeshData
 from dreamflow.pipeline.config import build_config
 from dreamflow.pipeline.job import run_job
 from dreamflow.scene.reference_object import builtin_house
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a shared 2-core machine OpenMP spinning makes small tensor ops many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class CancelAt(RecordingSink):

@@ -2,23 +2,12 @@
 the same loading, LoRA, guidance and VAE code paths as the real models, a few steps each."""
 
 import numpy as np
-import pytest
-import torch
 import trimesh
 
 from dreamflow.events import JobControl, RecordingSink
 from dreamflow.export.mesh import MeshData
 from dreamflow.pipeline.config import build_config
 from dreamflow.pipeline.job import run_job
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a shared 2-core machine OpenMP spinning makes small tensor ops many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_geometry_texture_and_refine_run_on_tiny_diffusion_priors(tmp_path):
