@@ -25,9 +25,11 @@ class ProgressBar:
     another ``every_percent`` of the stage is done, so the output stays short.
     """
 
-    def __init__(self, stream: TextIO = sys.stderr, every_percent: int = 10, width: int = 28):
-        self.stream = stream
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+    def __init__(self, stream: TextIO | None = None, every_percent: int = 10, width: int = 28):
+        # sys.stderr is looked up now, not when the module was imported: it may have been replaced
+        # since (pytest's capture, an embedding application) and the old stream closed.
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every = every_percent
         self.width = width
         self._last_bucket: dict[str, int] = {}
