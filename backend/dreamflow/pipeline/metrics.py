@@ -30,17 +30,23 @@ def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
     return float("inf") if mse == 0 else -10.0 * math.log10(mse)
 
 
-def sample_surface(mesh: MeshData, count: int, seed: int = 0) -> np.ndarray:
-    """``count`` points drawn uniformly by area on the mesh surface (seeded)."""
+def sample_barycentric(mesh: MeshData, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` area-uniform surface samples as (triangle index (count,), barycentric weights (count, 3))."""
     v = mesh.vertices.astype(np.float64)
-    f = mesh.faces
+    f = mesh.faces.astype(np.int64)
     a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
     area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1)
     rng = np.random.default_rng(seed)
     tri = rng.choice(len(f), size=count, p=area / area.sum())
     r1, r2 = rng.random(count), rng.random(count)
     s = np.sqrt(r1)
-    return (1 - s)[:, None] * a[tri] + (s * (1 - r2))[:, None] * b[tri] + (s * r2)[:, None] * c[tri]
+    return tri, np.stack([1 - s, s * (1 - r2), s * r2], axis=1)
+
+
+def sample_surface(mesh: MeshData, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` points drawn uniformly by area on the mesh surface (seeded)."""
+    tri, w = sample_barycentric(mesh, count, seed)
+    return np.einsum("nk,nkd->nd", w, mesh.vertices.astype(np.float64)[mesh.faces[tri]])
 
 
 def chamfer_relative(mesh: MeshData, reference: MeshData, count: int = 20000, seed: int = 0) -> float:

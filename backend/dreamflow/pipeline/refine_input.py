@@ -17,6 +17,7 @@ import torch
 
 from ..export.mesh import MeshData, MeshError
 from ..scene.texture_field import TextureField
+from .metrics import sample_barycentric
 
 START_STAGES = ("geometry", "texture", "refine")
 #: Inputs already inside the object box [-0.5, 0.5]^3 are used as they are; larger ones are scaled
@@ -95,15 +96,9 @@ def surface_colours(mesh: MeshData, count: int = 50_000, seed: int = 0) -> tuple
     """Points drawn by area on a textured mesh and the texture's colours there (bilinear), in [0, 1]."""
     from ..render.raster import sample_texture
 
+    tri, w = sample_barycentric(mesh, count, seed)
     v = mesh.vertices.astype(np.float64)
     f = mesh.faces.astype(np.int64)
-    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
-    area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1)
-    rng = np.random.default_rng(seed)
-    tri = rng.choice(len(f), size=count, p=area / area.sum())
-    r1, r2 = rng.random(count), rng.random(count)
-    s = np.sqrt(r1)
-    w = np.stack([1 - s, s * (1 - r2), s * r2], axis=1)
     pts = np.einsum("nk,nkd->nd", w, v[f[tri]])
     uv = np.einsum("nk,nkd->nd", w, mesh.uvs.astype(np.float64)[f[tri]])
     tex = torch.as_tensor(mesh.texture[..., :3]).float() / 255.0

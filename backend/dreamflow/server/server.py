@@ -393,17 +393,7 @@ class Server:
 
     def _send(self, sock: zmq.Socket, peer: bytes, msg: Message) -> bool:
         """Send one message to a peer; False if its queue is full or it is gone."""
-        frames = encode(msg, self.limits, validate=False)
-        try:
-            sock.send_multipart([peer, *frames], copy=False, flags=zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            return False
-        except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:
-                self._drop_peer(peer)
-                return False
-            raise
+        return self._send_frames(sock, peer, encode(msg, self.limits, validate=False))
 
     def _send_error(self, sock: zmq.Socket, peer: bytes, text: str, code: str, parent: str | None) -> None:
         msg = Message("error", {"message": text[:4096], "code": code[:32]}, parent=parent)
@@ -440,6 +430,7 @@ class Server:
                     sub.blocked_until = time.monotonic() + 0.01
 
     def _send_frames(self, sock: zmq.Socket, peer: bytes, frames: list[Any]) -> bool:
+        """Send encoded frames to a peer without blocking; False if its queue is full or it is gone."""
         try:
             sock.send_multipart([peer, *frames], copy=False, flags=zmq.NOBLOCK)
             return True
