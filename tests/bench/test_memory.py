@@ -157,7 +157,8 @@ def test_ray_chunk_plan():
 
 def test_bytes_per_sample_covers_what_the_field_saves_for_backward():
     """The budget constant stays above the measured saved activations of the hash grid + MLP."""
-    settings = replace(field_settings(build_config("paper").stage1), log2_table_size=14)  # table size is irrelevant
+    settings = field_settings(build_config("paper").stage1)
+    settings = replace(settings, grid=replace(settings.grid, log2_table_size=14))  # table size is irrelevant
     field = NerfField(settings, "cpu")
     n = 4096
     x = torch.rand((n, 3)) - 0.5
@@ -172,5 +173,5 @@ def test_bytes_per_sample_covers_what_the_field_saves_for_backward():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         field(x)
-    per_level = total[0] / n / settings.levels
+    per_level = total[0] / n / settings.grid.levels
     assert 50 < per_level <= BYTES_PER_SAMPLE_PER_LEVEL

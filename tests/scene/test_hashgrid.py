@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dreamflow.scene.hashgrid import HASH_PRIMES, TorchHashGrid, available_backends, make_hash_grid, per_level_scale
+from dreamflow.scene.hashgrid import (HASH_PRIMES, HashGridConfig, TorchHashGrid, available_backends, make_hash_grid,
+                                      per_level_scale)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CONFIG = dict(levels=6, log2_table_size=12, features_per_level=2, base_resolution=4, max_resolution=64)
@@ -45,7 +46,7 @@ def naive_encoding(params: torch.Tensor, x: torch.Tensor, levels: int, log2_tabl
 
 @pytest.mark.parametrize("backend", available_backends(DEVICE))
 def test_every_backend_matches_the_instant_ngp_definition(backend):
-    grid = make_hash_grid(**CONFIG, device=DEVICE, backend=backend, seed=3)
+    grid = make_hash_grid(HashGridConfig(**CONFIG), device=DEVICE, backend=backend, seed=3)
     with torch.no_grad():  # scale the tiny initial values up so that differences would show
         grid.params.mul_(1e4)
     x = torch.rand(16, 3, generator=torch.Generator().manual_seed(1)).to(DEVICE)

@@ -6,10 +6,11 @@ import torch
 
 from dreamflow.render.volume import OccupancyGrid, ray_box, render_cameras, render_rays
 from dreamflow.scene.cameras import Cameras
+from dreamflow.scene.hashgrid import HashGridConfig
 from dreamflow.scene.nerf import FieldSettings, NerfField
 
-SMALL = FieldSettings(levels=4, log2_table_size=12, features_per_level=2, base_resolution=4, max_resolution=32,
-                      mlp_width=16, background_width=8, background_frequencies=2)
+SMALL = FieldSettings(HashGridConfig(levels=4, log2_table_size=12, features_per_level=2, base_resolution=4,
+                                     max_resolution=32), mlp_width=16, background_width=8, background_frequencies=2)
 
 
 class ConstantField(torch.nn.Module):

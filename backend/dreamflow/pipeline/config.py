@@ -16,6 +16,7 @@ from ..config import ConfigError, apply_overrides
 from ..methods.registry import METHOD_NAMES, MethodConfig, method_defaults
 from ..methods.schedules import TimestepSchedule
 from ..scene.cameras import CameraRanges
+from ..scene.hashgrid import HashGridConfig
 
 
 @dataclass(frozen=True)
@@ -33,17 +34,6 @@ class PriorConfig:
     lora_rank: int = 4
     lora_lr: float = 1e-3
     camera_embedding: bool = False    # DreamFlow: "not training it also works"
-
-
-@dataclass(frozen=True)
-class HashGridConfig:
-    """Multi-resolution hash grid (Instant NGP); the paper's stage-1 values are the defaults."""
-
-    levels: int = 16
-    log2_table_size: int = 19
-    features_per_level: int = 4
-    base_resolution: int = 16
-    max_resolution: int = 2048
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,8 @@ PREVIEW_VIEW = dict(azimuth_deg=30.0, elevation_deg=15.0, distance=1.2, fovy_deg
 
 def field_settings(cfg: NerfStageConfig) -> FieldSettings:
     """The NeRF field's shape from the stage settings."""
-    g = cfg.grid
-    return FieldSettings(levels=g.levels, log2_table_size=g.log2_table_size, features_per_level=g.features_per_level,
-                         base_resolution=g.base_resolution, max_resolution=g.max_resolution, mlp_width=cfg.mlp_width,
-                         density_bias_scale=cfg.density_bias_scale, density_bias_radius=cfg.density_bias_radius)
+    return FieldSettings(grid=cfg.grid, mlp_width=cfg.mlp_width, density_bias_scale=cfg.density_bias_scale,
+                         density_bias_radius=cfg.density_bias_radius)
 
 
 class NerfProblem(Problem):

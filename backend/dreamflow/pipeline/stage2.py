@@ -206,9 +206,7 @@ def textured_mesh(vertices: torch.Tensor, faces: torch.Tensor, colour: Callable[
 
 def new_texture_field(cfg: TextureStageConfig, device: torch.device, seed: int = 0) -> TextureField:
     """A fresh colour field with the stage's hash-grid settings."""
-    g = cfg.grid
-    return TextureField.create(g.levels, g.log2_table_size, g.features_per_level, g.base_resolution,
-                               g.max_resolution, device=device, seed=seed)
+    return TextureField.create(cfg.grid, device=device, seed=seed)
 
 
 # -- running a stage inside a job -------------------------------------------------------------------

@@ -14,6 +14,7 @@ twin otherwise.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -163,15 +164,24 @@ class TcnnHashGrid(nn.Module):
         return self.encoding(x.float().contiguous()).float()
 
 
-def make_hash_grid(levels: int, log2_table_size: int, features_per_level: int, base_resolution: int,
-                   max_resolution: int, device: torch.device | str, backend: str = "auto",
+@dataclass(frozen=True)
+class HashGridConfig:
+    """Multi-resolution hash grid (Instant NGP); the paper's stage-1 values are the defaults."""
+
+    levels: int = 16
+    log2_table_size: int = 19
+    features_per_level: int = 4
+    base_resolution: int = 16
+    max_resolution: int = 2048
+
+
+def make_hash_grid(config: HashGridConfig, device: torch.device | str, backend: str = "auto",
                    seed: int = 0) -> nn.Module:
     """The hash grid for ``device``: tinycudann where available (``backend='auto'``), else the twin.
 
     ``backend`` may force ``"torch"`` or ``"tcnn"`` (the latter raises when tinycudann is absent).
     """
-    args = dict(levels=levels, log2_table_size=log2_table_size, features_per_level=features_per_level,
-                base_resolution=base_resolution, max_resolution=max_resolution)
+    args = asdict(config)
     tcnn = accel.tinycudann(device) if backend in ("auto", "tcnn") else None
     if backend == "tcnn" and tcnn is None:
         raise RuntimeError("the tinycudann hash grid was requested but tinycudann/CUDA is not available")

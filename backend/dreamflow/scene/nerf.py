@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .hashgrid import make_hash_grid
+from .hashgrid import HashGridConfig, make_hash_grid
 
 BOX_HALF = 0.5
 
@@ -25,11 +25,7 @@ BOX_HALF = 0.5
 class FieldSettings:
     """The field's shape; the pipeline fills it from NerfStageConfig."""
 
-    levels: int = 16
-    log2_table_size: int = 19
-    features_per_level: int = 4
-    base_resolution: int = 16
-    max_resolution: int = 2048
+    grid: HashGridConfig = HashGridConfig()
     mlp_width: int = 64
     density_bias_scale: float = 10.0
     density_bias_radius: float = 0.5
@@ -56,9 +52,7 @@ class NerfField(nn.Module):
         # MLP initialisation is part of the job's reproducibility, without touching the global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.grid = make_hash_grid(settings.levels, settings.log2_table_size, settings.features_per_level,
-                                       settings.base_resolution, settings.max_resolution, device,
-                                       backend=grid_backend, seed=seed)
+            self.grid = make_hash_grid(settings.grid, device, backend=grid_backend, seed=seed)
             self.mlp = _mlp(self.grid.output_dim, settings.mlp_width, 4, hidden_layers=1).to(device)
             enc_dim = 3 + 6 * settings.background_frequencies
             self.background_mlp = _mlp(enc_dim, settings.background_width, 3, hidden_layers=1).to(device)

@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from .hashgrid import make_hash_grid
+from .hashgrid import HashGridConfig, make_hash_grid
 
 BOX_HALF = 0.5
 
@@ -28,13 +28,12 @@ class TextureField(nn.Module):
         self.start, self.stop = channels.start, channels.stop
 
     @classmethod
-    def create(cls, levels: int, log2_table_size: int, features_per_level: int, base_resolution: int,
-               max_resolution: int, width: int = 32, device: torch.device | str = "cpu", seed: int = 0) -> "TextureField":
-        """A fresh field (hash-grid settings as in HashGridConfig)."""
+    def create(cls, grid_config: HashGridConfig, width: int = 32, device: torch.device | str = "cpu",
+               seed: int = 0) -> "TextureField":
+        """A fresh field with these hash-grid settings."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            grid = make_hash_grid(levels, log2_table_size, features_per_level, base_resolution, max_resolution,
-                                  device, seed=seed)
+            grid = make_hash_grid(grid_config, device, seed=seed)
             mlp = nn.Sequential(nn.Linear(grid.output_dim, width), nn.ReLU(), nn.Linear(width, 3)).to(device)
         return cls(grid, mlp)
 
