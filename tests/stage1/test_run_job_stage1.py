@@ -1,6 +1,5 @@
 """run_job end to end on the reference prior (smoke preset), its events, files, resume and bad inputs."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -10,7 +10,6 @@ Elevation is measured up from the XY plane. Camera axes follow OpenGL: the camer
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
