@@ -1,0 +1,67 @@
+"""The half-precision path the GPU takes (bf16 on Hopper/Ampere, fp16 before), run on CPU with the
+same tiny weights: the prior's guided estimate, D_phi and the VAE agree with float32 to half
+precision, the LoRA adapter trains in float32, and the gradient reaches a float32 render."""
+
+import pytest
+import torch
+
+from dreamflow.priors.score_models import LoraScoreModel
+from dreamflow.priors.sdxl_refiner import SdxlRefinerPrior
+from dreamflow.priors.stable_diffusion import StableDiffusionPrior
+from dreamflow.scene.cameras import Cameras
+
+HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# Relative error allowed against float32: a few dozen roundings of the format's precision (bf16
+# keeps 8 mantissa bits, fp16 11), which classifier-free guidance at 7.5 amplifies.
+TOLERANCE = {dtype: 20 * torch.finfo(t).eps for dtype, t in HALF.items()}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+def _check_against_float32(cls, folder, dtype: str, image_size: int):
+    tol = TOLERANCE[dtype]
+    full = cls.from_pretrained(str(folder), local_files_only=True, dtype="float32")
+    half = cls.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+    assert half.dtype == HALF[dtype] and next(half.unet.parameters()).dtype == HALF[dtype]
+    cams = Cameras.make([0.0, 100.0], [10.0, 30.0], 1.2, 50.0)
+    g = torch.Generator().manual_seed(7)
+    image = torch.rand(2, 3, image_size, image_size, generator=g)
+    sigma = torch.tensor([2.0, 0.5])
+    n = torch.randn(2, 4, image_size // 8, image_size // 8, generator=g)
+
+    # The render stays float32; only the frozen networks run in half precision.
+    render = image.clone().requires_grad_(True)
+    latents = half.encode(render)
+    assert latents.dtype == torch.float32
+    assert _rel(latents, full.encode(image)) < tol
+    (latents ** 2).sum().backward()
+    assert render.grad.dtype == torch.float32 and torch.isfinite(render.grad).all() and render.grad.abs().sum() > 0
+
+    x = latents.detach() + sigma.view(-1, 1, 1, 1) * n
+    d_full = full.denoise(x, sigma, full.condition("a red chair"), cams)
+    d_half = half.denoise(x, sigma, half.condition("a red chair"), cams)
+    assert d_half.dtype == torch.float32 and _rel(d_half, d_full) < tol
+
+    # D_phi on the half-precision UNet: adapter weights in float32, a finite update, and the
+    # adapted estimate still tracks float32 after the same update on both.
+    phis = [LoraScoreModel(p, rank=4, lr=1e-2, seed=3) for p in (full, half)]
+    assert all(w.dtype == torch.float32 for w in phis[1].lora_params.values())
+    losses = [phi.update(latents.detach(), sigma, phi.prior.condition("a red chair"), cams) for phi in phis]
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in losses)
+    assert abs(losses[1] - losses[0]) < tol * losses[0]
+    outs = [phi.denoise(x, sigma, phi.prior.condition("a red chair"), cams) for phi in phis]
+    assert _rel(outs[1], outs[0]) < tol
+    return half
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_stable_diffusion_in_half_precision_tracks_float32(tiny_sd_v, dtype):
+    _check_against_float32(StableDiffusionPrior, tiny_sd_v, dtype, 32)
+
+
+def test_refiner_in_float16_keeps_its_vae_in_float32(tiny_refiner):
+    """The SDXL VAE overflows in float16 (its config says force_upcast); the UNet need not."""
+    half = _check_against_float32(SdxlRefinerPrior, tiny_refiner, "float16", 32)
+    assert half.vae_dtype == torch.float32 and next(half.vae.parameters()).dtype == torch.float32
