@@ -345,6 +345,7 @@ def run_bench(s: BenchSettings, log: Callable[[str], None] | None = None) -> dic
     iteration_ms: list[float] = []
     cpu_ms: list[float] = []
     parts: list[dict[str, float]] = []
+    health = {"rollbacks": 0, "nonfinite_steps": 0}
     state = {"last": timers.now(), "cpu": time.process_time(), "count": 0}
 
     def on_step(report) -> None:
@@ -353,6 +354,10 @@ def run_bench(s: BenchSettings, log: Callable[[str], None] | None = None) -> dic
         state["count"] += 1
         elapsed = (now - state["last"]) * 1e3
         part = {k: v * 1e3 for k, v in timers.take().items()}
+        # A fast path that trades precision for speed must not trade away the result: count what
+        # the loop had to undo (NaN/inf rollbacks) and steps whose loss or gradient is not finite.
+        health["rollbacks"] = max(health["rollbacks"], report.rollbacks)
+        health["nonfinite_steps"] += not (math.isfinite(report.loss) and math.isfinite(report.grad_norm))
         if state["count"] > s.warmup:
             iteration_ms.append(elapsed)
             # Process CPU time: on a shared CPU machine it tracks the work done, not the waiting.
@@ -387,6 +392,7 @@ def run_bench(s: BenchSettings, log: Callable[[str], None] | None = None) -> dic
         "settings": bench.settings,
         "fast_path": bench.fast_path,
         "memory_fallbacks": bench.memory_fallbacks,
+        "numerics": health,
         "iterations_timed": len(iteration_ms),
         "warmup": s.warmup,
         "build_seconds": build_s,
@@ -446,6 +452,7 @@ def format_table(r: dict[str, Any]) -> str:
         f"{st['name']} | arch {st['arch']} ({st['unet_params_m']} M UNet params, {st['dtype']}) | {r['device_name']} | preset {st['preset']}",
         "settings: " + ", ".join(f"{k} {v}" for k, v in st.items() if k not in ("name", "arch", "device", "preset", "dtype", "stage", "unet_params_m")),
         f"fast path: {', '.join(r['fast_path']) or 'none'}; memory fallbacks used: {', '.join(r['memory_fallbacks']) or 'none'}",
+        f"numerics (all iterations): {r['numerics']['rollbacks']} NaN rollbacks, {r['numerics']['nonfinite_steps']} non-finite steps",
         "",
         f"{'iteration (ms)':<40}{'median':>10}{'p10':>10}{'p90':>10}{'min':>10}{'max':>10}",
         f"{'':<40}{it['median']:>10.1f}{it['p10']:>10.1f}{it['p90']:>10.1f}{it['min']:>10.1f}{it['max']:>10.1f}",

@@ -54,9 +54,21 @@ def test_table_is_sane(results, stage):
     assert r["settings"]["resolution"] == stage_cfg.resolution
     assert r["settings"]["cfg_batch"] == 2 * stage_cfg.views_per_iteration
     assert r["peak_gpu_gb"] is None and r["memory_fallbacks"] == []
+    assert r["numerics"] == {"rollbacks": 0, "nonfinite_steps": 0}
     table = format_table(r)
     assert f"projected stage time (paper, {PAPER_ITERATIONS[stage]} it)" in table
     assert "iteration / UNet floor" in table
+
+
+@pytest.mark.parametrize("stage", ["1", "3"])
+def test_bfloat16_stage_runs_clean(bench_workdir, stage):
+    """The GPU's default precision through a whole stage iteration (render, encode, guided prior,
+    D_phi and its update, 3D backward), here on CPU: finite losses and gradients, nothing undone."""
+    r = run_bench(BenchSettings(stage=stage, arch="tiny", device="cpu", preset="smoke", iters=2, warmup=0,
+                                dtype="bfloat16", workdir=str(bench_workdir)))
+    assert r["settings"]["dtype"] == "bfloat16"
+    assert r["numerics"] == {"rollbacks": 0, "nonfinite_steps": 0}
+    assert "numerics (all iterations): 0 NaN rollbacks, 0 non-finite steps" in format_table(r)
 
 
 def test_stage_settings_follow_the_preset(results):
