@@ -88,3 +88,53 @@ def test_encoding_is_continuous_and_its_gradient_is_the_interpolation_weights():
     # Trilinear weights of each level sum to one, for each feature.
     torch.testing.assert_close(grad.sum(0), torch.full((CONFIG["features_per_level"],), float(CONFIG["levels"])))
     assert int((grad[:, 0] != 0).sum()) <= 8 * CONFIG["levels"]
+
+
+class _TcnnLikeEncoding(torch.nn.Module):
+    """Stands in for tinycudann.Encoding with its backward's behaviour on an empty batch: the
+    parameter gradient is a buffer the kernel never writes (here NaN, to make it visible)."""
+
+    def __init__(self, n_input_dims, config, seed=1337, dtype=torch.float32):
+        super().__init__()
+        cfg = {k: config[k] for k in ("base_resolution", "per_level_scale")}
+        levels, log2 = config["n_levels"], config["log2_hashmap_size"]
+        max_res = round(cfg["base_resolution"] * cfg["per_level_scale"] ** (levels - 1))
+        self.twin = TorchHashGrid(levels, log2, config["n_features_per_level"], cfg["base_resolution"], max_res, seed=seed)
+        self.params = self.twin.params
+
+    def forward(self, x):
+        twin = self.twin
+
+        class Encode(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, points, params):
+                ctx.save_for_backward(points)
+                return twin(points).detach()
+
+            @staticmethod
+            def backward(ctx, grad_out):
+                (points,) = ctx.saved_tensors
+                if points.shape[0] == 0:
+                    return None, torch.full_like(twin.params, float("nan"))
+                with torch.enable_grad():
+                    (g,) = torch.autograd.grad(twin(points), twin.params, grad_out)
+                return None, g
+
+        return Encode.apply(x, self.params)
+
+
+def test_an_empty_batch_leaves_the_tinycudann_gradient_alone():
+    """A ray chunk that misses every occupied cell sends no points; with tinycudann that call's
+    backward must not reach the table, or uninitialised memory lands in the gradient."""
+    from types import SimpleNamespace
+
+    from dreamflow.scene.hashgrid import TcnnHashGrid
+
+    grid = TcnnHashGrid(SimpleNamespace(Encoding=_TcnnLikeEncoding), **CONFIG)
+    x = torch.rand(32, 3, generator=torch.Generator().manual_seed(3))
+    torch.cat([grid(x), grid(x[:0])]).square().sum().backward()
+    with_empty = grid.params.grad.clone()
+    grid.params.grad = None
+    grid(x).square().sum().backward()
+    assert torch.isfinite(with_empty).all()
+    torch.testing.assert_close(with_empty, grid.params.grad)

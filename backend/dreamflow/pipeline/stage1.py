@@ -48,7 +48,8 @@ class NerfProblem(Problem):
         self.cfg = cfg
         self.device = device
         self.occupancy = OccupancyGrid(cfg.occupancy_resolution, cfg.occupancy_threshold, device=device)
-        self.generator = torch.Generator().manual_seed(seed + 17)
+        # On the render's device: the ray jitter and the occupancy probes are drawn there.
+        self.generator = torch.Generator(device=device).manual_seed(seed + 17)
 
     def param_groups(self) -> list[dict]:
         """Grid, MLP and background groups with the paper's learning rates."""
@@ -83,7 +84,12 @@ class NerfProblem(Problem):
         """Restore what state_dict() returned."""
         self.field.load_state_dict(state["field"])
         self.occupancy.load_state_dict(state["occupancy"])
-        self.generator.set_state(state["generator"])
+        try:
+            self.generator.set_state(state["generator"])
+        except RuntimeError:
+            # A checkpoint from another device kind (CPU <-> CUDA generator states differ): the
+            # jitter stream restarts from the seed; the field and optimiser resume exactly.
+            pass
 
     def after_step(self, index: int) -> None:
         """Refresh the empty-space grid every ``occupancy_every`` steps."""

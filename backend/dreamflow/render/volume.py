@@ -65,7 +65,7 @@ class OccupancyGrid(nn.Module):
         """Refresh the grid from ``density_fn(points (N, 3)) -> (N,)``."""
         r = self.resolution
         pts = self.cell_centres()
-        jitter = (torch.rand(pts.shape, generator=generator) - 0.5).to(pts.device) * (2 * BOX_HALF / r)
+        jitter = (torch.rand(pts.shape, generator=generator, device=pts.device) - 0.5) * (2 * BOX_HALF / r)
         pts = pts + jitter
         new = torch.cat([density_fn(pts[i:i + chunk]) for i in range(0, len(pts), chunk)]).view(r, r, r)
         self.values.copy_(new if int(self.refreshes) == 0 else torch.maximum(self.values * self.decay, new))
@@ -113,7 +113,8 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, samples: int,
     near, far = ray_box(origins, dirs)
     hit = far > near
     far = torch.where(hit, far, near)
-    u = torch.rand((n, samples), generator=generator).to(dev) if perturb else torch.full((n, samples), 0.5, device=dev)
+    # The jitter is drawn where it is used: at the paper's settings it is 33 M numbers a render.
+    u = torch.rand((n, samples), generator=generator, device=dev) if perturb else torch.full((n, samples), 0.5, device=dev)
     steps = (torch.arange(samples, device=dev, dtype=torch.float32)[None] + u) / samples
     span = (far - near)[:, None]
     t = near[:, None] + span * steps                                # (N, S)

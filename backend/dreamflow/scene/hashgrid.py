@@ -161,6 +161,11 @@ class TcnnHashGrid(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Encode points ``x`` (N, 3) in [0, 1]^3."""
+        if x.shape[0] == 0:
+            # tinycudann's grid backward returns before zeroing its gradient buffer for an empty
+            # batch, so an empty call would add uninitialised memory to the table's gradient
+            # (a ray chunk that misses every occupied cell does this). No points, no graph.
+            return self.params.new_zeros(0, self.output_dim)
         return self.encoding(x.float().contiguous()).float()
 
 
