@@ -29,6 +29,19 @@ def _tiny_folder(ctx: JobContext) -> Path:
     return base / "tiny-stable-diffusion"
 
 
+def _stable_diffusion(ctx: JobContext, model: str, **kwargs) -> Prior:
+    """A Stable Diffusion model of the job's settings, with the device's fast path applied (SDPA;
+    on CUDA also channels-last and the text encoder offloaded between prompt embeddings)."""
+    from ..fastpath import apply_fast_path, for_device
+    from ..priors.stable_diffusion import StableDiffusionPrior
+
+    cfg = ctx.config.prior
+    options = {"dtype": cfg.dtype, "local_files_only": cfg.local_files_only, **kwargs}
+    prior = StableDiffusionPrior.from_pretrained(model, device=ctx.device, **options)
+    apply_fast_path(prior, for_device(ctx.device), ctx.device)
+    return prior
+
+
 def get_prior(ctx: JobContext) -> Prior:
     """The job's pretrained prior D_p, built once and shared by its stages."""
     if "prior" in ctx.cache:
@@ -43,21 +56,14 @@ def get_prior(ctx: JobContext) -> Prior:
     else:
         if not ctx.config.prompt.strip():
             raise ConfigError(f"the {cfg.kind} prior is a text-to-image model and needs a prompt; got an empty one")
-        from ..priors.stable_diffusion import StableDiffusionPrior
-
         if cfg.kind == "tiny":
             from ..priors.tiny import tiny_stable_diffusion
 
             folder = tiny_stable_diffusion(_tiny_folder(ctx), seed=ctx.config.seed)
-            prior = StableDiffusionPrior.from_pretrained(str(folder), device=ctx.device, dtype="float32",
-                                                         local_files_only=True)
+            prior = _stable_diffusion(ctx, str(folder), dtype="float32", local_files_only=True)
         else:
             # SD renders are 256 px in the paper; the VAE sees them at its native 512.
-            prior = StableDiffusionPrior.from_pretrained(cfg.model, device=ctx.device, dtype=cfg.dtype,
-                                                         local_files_only=cfg.local_files_only, encode_size=512)
-        from ..fastpath import apply_fast_path, for_device
-
-        apply_fast_path(prior, for_device(ctx.device), ctx.device)  # SDPA; on CUDA also NHWC, TF32, encoder offload
+            prior = _stable_diffusion(ctx, cfg.model, encode_size=512)
     ctx.cache["prior"] = prior
     return prior
 
@@ -84,11 +90,8 @@ def build_score_model(ctx: JobContext, prior: Prior, method: MethodConfig, stage
     phi_base = None
     if cfg.kind == "stable-diffusion" and cfg.phi_model and cfg.phi_model != cfg.model:
         if "phi_base" not in ctx.cache:
-            from ..priors.stable_diffusion import StableDiffusionPrior
-
-            ctx.cache["phi_base"] = StableDiffusionPrior.from_pretrained(
-                cfg.phi_model, device=ctx.device, dtype=cfg.dtype, local_files_only=cfg.local_files_only,
-                load_vae=False)
+            # The same fast path as D_p's model: this second UNet runs as often as the first.
+            ctx.cache["phi_base"] = _stable_diffusion(ctx, cfg.phi_model, load_vae=False)
         phi_base = ctx.cache["phi_base"]
     model = LoraScoreModel(prior, phi_base=phi_base, rank=cfg.lora_rank, lr=cfg.lora_lr,
                            camera_embedding=cfg.camera_embedding, seed=ctx.config.seed,
