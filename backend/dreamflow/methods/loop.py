@@ -207,13 +207,20 @@ class Distillation:
         loss = 0.5 * diff.pow(2).sum() / batch
         total = loss if out.regulariser is None else loss + out.regulariser
         self.optimiser.zero_grad(set_to_none=True)
-        grad_norm = float(diff.detach().flatten(1).norm(dim=1).mean())
-        loss_value = float(total.detach())
         # A view that sees none of the object (a flat mesh edge-on, a camera past a thin part)
         # renders only background: its gradient on the parameters is zero, so there is nothing to
         # step, and backward() on a graph-less tensor would raise.
-        if total.requires_grad and math.isfinite(loss_value):
+        if total.requires_grad:
             total.backward()
+        # The step's one read from the device, after its backward is queued: a read earlier in
+        # the step would leave the GPU idle while Python launches what follows.
+        logged = [diff.detach().flatten(1).norm(dim=1).mean(), total.detach()]
+        if isinstance(score_loss, torch.Tensor):
+            logged.append(score_loss.to(logged[0]))
+        values = torch.stack(logged).tolist()
+        grad_norm, loss_value = values[0], values[1]
+        score_loss = values[2] if len(values) > 2 else score_loss
+        if total.requires_grad and math.isfinite(loss_value):
             if self.config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([p for g in self.optimiser.param_groups for p in g["params"]],
                                                self.config.grad_clip)
@@ -223,7 +230,9 @@ class Distillation:
                           float(score_loss), time.perf_counter() - start, self.state.rollbacks)
 
     def _params_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for g in self.optimiser.param_groups for p in g["params"])
+        # One device read for all parameters (a read per tensor would sync once each).
+        checks = [torch.isfinite(p).all() for g in self.optimiser.param_groups for p in g["params"]]
+        return bool(torch.stack(checks).all()) if checks else True
 
     def run(self, on_step: Callable[[StepReport], None] | None = None, control: JobControl | None = None,
             checkpoint: Callable[[dict], None] | None = None) -> list[StepReport]:

@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from ..devices import upload
 from ..scene.cameras import Cameras
 
 
@@ -32,7 +33,7 @@ class FreshNoise(NoiseSource):
     def sample(self, like, cameras, alpha, generator):
         """A fresh standard normal draw."""
         n = torch.randn(like.shape, generator=generator, dtype=torch.float32)
-        return n.to(like.device, like.dtype)
+        return upload(n, like.device).to(like.dtype)
 
 
 class WorldMapNoise(NoiseSource):

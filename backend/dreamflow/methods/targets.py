@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..devices import host_value, upload
 from ..priors.base import Conditioning, Prior, ScoreModel
 from ..scene.cameras import Cameras
 from .noise import NoiseSource
@@ -52,14 +53,17 @@ class TargetRule(ABC):
     def __call__(self, x: torch.Tensor, step: StepInfo, ctx: TargetContext) -> TargetResult:
         """Detached target for render(s) ``x`` (B, C, H, W) at this step."""
         prior = ctx.prior
-        sigma = prior.sigma(step.t).to(x.device, torch.float32)
-        sigma_next = prior.sigma(step.t_next).to(x.device, torch.float32)
+        # Noise levels come from the schedule on the host: logged without a device read, uploaded
+        # without a stall.
+        sigma_host = prior.sigma(step.t).float()
+        sigma = upload(sigma_host, x.device)
+        sigma_next = upload(prior.sigma(step.t_next).float(), x.device)
         n = ctx.noise.sample(x, ctx.cameras, ctx.alpha, ctx.generator)
         x_noisy = x + sigma.to(x.dtype) * n
         d_p = prior.denoise(x_noisy, sigma, ctx.cond, ctx.cameras)
         d_phi = ctx.score_model.denoise(x_noisy, sigma, ctx.cond, ctx.cameras, x_clean=x)
         lam = self.factor(sigma, sigma_next).to(x.dtype)
-        return TargetResult((x + lam * (d_p.to(x.dtype) - d_phi.to(x.dtype))).detach(), float(sigma))
+        return TargetResult((x + lam * (d_p.to(x.dtype) - d_phi.to(x.dtype))).detach(), host_value(sigma_host))
 
 
 class ApfoTarget(TargetRule):

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..devices import upload
 from ..scene.cameras import Cameras
 
 
@@ -78,8 +79,9 @@ class ScoreModel(ABC):
         """
 
     def update(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
-               cameras: Cameras | None = None) -> float:
-        """One denoising-score-matching step on detached renders ``x`` at noise ``sigma``; loss."""
+               cameras: Cameras | None = None) -> float | torch.Tensor:
+        """One denoising-score-matching step on detached renders ``x`` at noise ``sigma``; its loss
+        (a float, or a 0-dim tensor that the loop reads once the whole step is queued)."""
         return 0.0
 
     def state_dict(self) -> dict:
@@ -107,7 +109,8 @@ class IdentityScoreModel(ScoreModel):
 
 def as_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """Broadcast a scalar or (B,) sigma to (B, 1, 1, 1...) matching ``x``."""
-    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    s = sigma.to(x.dtype) if isinstance(sigma, torch.Tensor) else torch.tensor(sigma, dtype=x.dtype)
+    s = upload(s, x.device)
     if s.ndim == 0:
         s = s.expand(x.shape[0])
     return s.reshape(-1, *([1] * (x.ndim - 1)))

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..devices import upload
 from ..scene.cameras import VIEW_SUFFIXES, Cameras, view_suffix
 from .base import Conditioning, Prior, as_sigma
 from .noise_levels import DdpmNoiseLevels
@@ -223,13 +224,14 @@ class LatentDiffusionPrior(Prior):
             return torch.zeros(batch, dtype=torch.long)
         if len(cameras) != batch:
             raise ValueError(f"{len(cameras)} cameras for a batch of {batch}")
-        az = cameras.azimuth_deg.detach().cpu().tolist()
-        el = cameras.elevation_deg.detach().cpu().tolist()
+        host = cameras.host()  # the sampler's CPU draws: no device read in the middle of a step
+        az = host.azimuth_deg.detach().tolist()
+        el = host.elevation_deg.detach().tolist()
         return torch.tensor([1 + VIEW_SUFFIXES.index(view_suffix(a, e)) for a, e in zip(az, el)])
 
     def cond_embeds(self, cond: Conditioning, batch: int, cameras: Cameras | None) -> dict[str, torch.Tensor]:
         """Per-sample conditional embeddings (view suffixes picked from the cameras)."""
-        return _pick(cond.data["cond"], self.prompt_index(batch, cameras).to(self.device))
+        return _pick(cond.data["cond"], upload(self.prompt_index(batch, cameras), self.device))
 
     @torch.no_grad()
     def denoise(self, x_noisy, sigma, cond, cameras=None, guidance=None):

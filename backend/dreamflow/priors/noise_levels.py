@@ -23,6 +23,7 @@ class DdpmNoiseLevels:
         self.alphas_cumprod = abar
         self.sigmas = ((1.0 - abar) / abar).sqrt()
         self.num_steps = int(abar.shape[0])
+        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def step_of(self, t: torch.Tensor | float) -> torch.Tensor:
         """Fractional DDPM step of normalised time ``t`` (float64)."""
@@ -45,7 +46,10 @@ class DdpmNoiseLevels:
         (which would also break CUDA graphs); outside the table it clamps to the first/last step.
         """
         wide = torch.float32 if sigma.device.type == "mps" else torch.float64
-        table = self.sigmas.to(sigma.device, wide)
+        key = (sigma.device, wide)
+        if key not in self._tables:  # moved once per device, not once per UNet call
+            self._tables[key] = self.sigmas.to(sigma.device, wide)
+        table = self._tables[key]
         s = sigma.detach().to(wide)
         hi = torch.searchsorted(table, s).clamp(1, self.num_steps - 1)
         lo_s, hi_s = table[hi - 1], table[hi]

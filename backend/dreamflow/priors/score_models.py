@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..devices import upload
 from ..scene.cameras import Cameras
 from .base import Conditioning, ScoreModel, as_sigma
 from .gmm import mixture_denoise
@@ -177,7 +178,7 @@ class LoraScoreModel(ScoreModel):
         """One denoising-loss step of the adapter (and camera MLP) on the detached renders."""
         x = x.detach().float()
         s = as_sigma(sigma, x).reshape(-1).float()
-        n = torch.randn(x.shape, generator=self.generator).to(x.device)
+        n = upload(torch.randn(x.shape, generator=self.generator), x.device)
         x_noisy = x + as_sigma(s, x) * n
         embeds = self._embeds(cond, x.shape[0], cameras)
         with torch.enable_grad(), self._active(cameras):
@@ -186,7 +187,7 @@ class LoraScoreModel(ScoreModel):
             self.optimiser.zero_grad(set_to_none=True)
             loss.backward()
             self.optimiser.step()
-        return float(loss.detach())
+        return loss.detach()  # read by the loop once the whole step is queued
 
     def state_dict(self):
         """Adapter weights, camera MLP, optimiser and noise generator."""

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..devices import upload
+
 
 @dataclass(frozen=True)
 class CameraRanges:
@@ -43,8 +45,17 @@ class Cameras:
         return self.azimuth_deg.device
 
     def to(self, device: torch.device | str) -> "Cameras":
-        """The same cameras on another device."""
-        return Cameras(*(t.to(device) for t in (self.azimuth_deg, self.elevation_deg, self.distance, self.fovy_deg)))
+        """The same cameras on another device (they remember their CPU copy, see :meth:`host`)."""
+        moved = Cameras(*(upload(t, device) for t in (self.azimuth_deg, self.elevation_deg, self.distance, self.fovy_deg)))
+        moved._host = self.host() if self.device.type == "cpu" or getattr(self, "_host", None) is not None else None
+        return moved
+
+    def host(self) -> "Cameras":
+        """These cameras on the CPU: free for cameras drawn there and moved (no device read)."""
+        if self.device.type == "cpu":
+            return self
+        cached = getattr(self, "_host", None)
+        return cached if cached is not None else self.to("cpu")
 
     def __getitem__(self, idx: int | slice | torch.Tensor) -> "Cameras":
         if isinstance(idx, int):
@@ -74,7 +85,8 @@ class Cameras:
         """Camera-to-world matrices (B, 4, 4), OpenGL camera axes (looks along -Z)."""
         eye = self.positions()
         forward = torch.nn.functional.normalize(-eye, dim=-1)
-        world_up = torch.tensor([0.0, 0.0, 1.0], device=eye.device).expand_as(forward)
+        world_up = torch.zeros_like(forward)
+        world_up[:, 2] = 1.0
         right = torch.linalg.cross(forward, world_up, dim=-1)
         # Straight up or down: any horizontal right vector will do; keep it continuous in azimuth.
         degenerate = right.norm(dim=-1, keepdim=True) < 1e-6

@@ -67,6 +67,13 @@ class TorchHashGrid(nn.Module):
         for n in self.table_sizes:
             offsets.append(offsets[-1] + n)
         self.offsets = offsets
+        self.dense_levels = sum(1 for r, size in zip(self.resolutions, self.table_sizes) if r ** 3 <= size)
+        # Per-level constants as buffers: they follow .to(device) and cost no host-to-device copy
+        # per call (non-persistent: the parameter layout alone is the grid's state).
+        for name, values, dtype in (("level_scale", self.scales, torch.float32), ("level_size", self.table_sizes, torch.long),
+                                    ("level_resolution", self.resolutions, torch.long),
+                                    ("level_offset", offsets[:-1], torch.long)):
+            self.register_buffer(name, torch.tensor(values, dtype=dtype), persistent=False)
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         # One flat parameter laid out like tinycudann's: level after level, F features per entry.
         self.params = nn.Parameter((torch.rand(offsets[-1] * features_per_level, generator=g) * 2.0 - 1.0) * init_scale)
@@ -82,17 +89,15 @@ class TorchHashGrid(nn.Module):
         Per-dimension terms are combined by broadcasting (2 x 2 x 2 corners), which is far
         cheaper on a CPU than building the eight corner coordinates explicitly.
         """
-        dev = x.device
-        lv = list(levels)
-        scales = torch.tensor([self.scales[l] for l in lv], device=dev, dtype=torch.float32)
-        pos = x[:, None, :] * scales[None, :, None] + 0.5                       # (N, G, 3)
+        part = slice(levels.start, levels.stop)
+        pos = x[:, None, :] * self.level_scale[part][None, :, None] + 0.5                       # (N, G, 3)
         base = torch.floor(pos)
         frac = pos - base
         base = base.long()
         w1 = torch.stack([1.0 - frac, frac], dim=-1)                            # (N, G, 3, 2)
         c = torch.stack([base, base + 1], dim=-1)                               # (N, G, 3, 2)
         w = w1[:, :, 0, :, None, None] * w1[:, :, 1, None, :, None] * w1[:, :, 2, None, None, :]
-        sizes = torch.tensor([self.table_sizes[l] for l in lv], device=dev, dtype=torch.long)[None, :, None, None, None]
+        sizes = self.level_size[part][None, :, None, None, None]
         if hashed:
             # uint32 arithmetic: products wrap modulo 2^32 before the XOR, as in CUDA.
             m = (1 << 32) - 1
@@ -103,25 +108,24 @@ class TorchHashGrid(nn.Module):
             # A hashed level's table is exactly 2^log2 entries: the modulo is a mask.
             idx = idx & (sizes - 1)
         else:
-            res = torch.tensor([self.resolutions[l] for l in lv], device=dev, dtype=torch.long)[None, :, None]
+            res = self.level_resolution[part][None, :, None]
             ix = c[:, :, 0]
             iy = c[:, :, 1] * res
             iz = c[:, :, 2] * (res * res)
             idx = ix[:, :, :, None, None] + iy[:, :, None, :, None] + iz[:, :, None, None, :]
             # Corners one past the far face overflow the dense table by less than its size.
             idx = torch.where(idx >= sizes, idx - sizes, idx)
-        offsets = torch.tensor([self.offsets[l] for l in lv], device=dev, dtype=torch.long)[None, :, None, None, None]
+        offsets = self.level_offset[part][None, :, None, None, None]
         n = x.shape[0]
-        return (idx + offsets).reshape(n, len(lv), 8), w.reshape(n, len(lv), 8)
+        return (idx + offsets).reshape(n, len(levels), 8), w.reshape(n, len(levels), 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Encode points ``x`` (N, 3) in [0, 1]^3."""
         x = x.float()
         n = x.shape[0]
         table = self.params.view(-1, self.features_per_level)
-        n_dense = sum(1 for r, size in zip(self.resolutions, self.table_sizes) if r ** 3 <= size)
         parts_idx, parts_w = [], []
-        for group, hashed in ((range(0, n_dense), False), (range(n_dense, self.levels), True)):
+        for group, hashed in ((range(0, self.dense_levels), False), (range(self.dense_levels, self.levels), True)):
             if len(group):
                 idx, w = self._group(x, group, hashed)
                 parts_idx.append(idx)
