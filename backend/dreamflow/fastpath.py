@@ -40,7 +40,11 @@ class FastPath:
 def for_device(device: torch.device | str) -> FastPath:
     """The default switches for a device: all of them on CUDA, the value-neutral ones on CPU."""
     if torch.device(device).type == "cuda":
-        return FastPath(channels_last=True, tf32=True, compile_unet=False)
+        # TF32 stays off: the diffusion passes run in bf16 and do not use it, while the float32
+        # geometry does (camera rays, clip transforms: emulated TF32 rounding moves 512 px rays by
+        # up to 0.4 px); what it would speed up is the small hash-grid MLPs. bench/switches.py
+        # has the rung to measure it.
+        return FastPath(channels_last=True, tf32=False, compile_unet=False)
     return FastPath()
 
 

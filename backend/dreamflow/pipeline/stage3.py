@@ -57,7 +57,7 @@ def refiner_prior(ctx: JobContext) -> Prior:
     enable_memory_savers(prior, ctx.device)
     from ..fastpath import apply_fast_path, for_device
 
-    apply_fast_path(prior, for_device(ctx.device), ctx.device)  # SDPA; on CUDA also NHWC, TF32, encoder offload
+    apply_fast_path(prior, for_device(ctx.device), ctx.device)  # SDPA; on CUDA also NHWC, encoder offload
     ctx.cache["refiner"] = prior
     return prior
 
