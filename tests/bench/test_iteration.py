@@ -32,8 +32,11 @@ def test_table_is_sane(results, stage):
     parts = r["breakdown_ms"]
     assert set(parts) == set(PARTS) | {"other"}
     assert all(v >= 0 for k, v in parts.items() if k != "other")
-    assert parts["other"] >= -1e-6 * r["iteration_mean_ms"]
-    assert math.isclose(sum(parts.values()), r["iteration_mean_ms"], rel_tol=1e-9)
+    # The breakdown comes from the run timed per part; the headline from the plain run after it.
+    timed = r["instrumented_ms"]
+    assert 0 < timed["min"] <= timed["median"] <= timed["max"]
+    assert parts["other"] >= -1e-6 * r["instrumented_mean_ms"]
+    assert math.isclose(sum(parts.values()), r["instrumented_mean_ms"], rel_tol=1e-9)
     for busy in ("render_fwd", "vae_encode_fwd", "prior_unet", "vae_encode_bwd", "render_bwd", "optimiser"):
         assert parts[busy] > 0, busy
     # The floor: the guided prior pass always; D_phi's pass and its update when D_phi is trained.
