@@ -50,6 +50,8 @@ def _check_against_float32(cls, folder, dtype: str, image_size: int):
     # adapted estimate still tracks float32 after the same update on both.
     phis = [LoraScoreModel(p, rank=4, lr=1e-2, seed=3) for p in (full, half)]
     assert all(w.dtype == torch.float32 for w in phis[1].lora_params.values())
+    # Loss scaling where the UNet is float16 only (bf16 has float32's exponent range).
+    assert phis[1].scaler.is_enabled() == (dtype == "float16") and not phis[0].scaler.is_enabled()
     losses = [phi.update(latents.detach(), sigma, phi.prior.condition("a red chair"), cams) for phi in phis]
     losses = [float(loss) for loss in losses]
     assert all(math.isfinite(loss) for loss in losses)
@@ -68,3 +70,27 @@ def test_refiner_in_float16_keeps_its_vae_in_float32(tiny_refiner):
     """The SDXL VAE overflows in float16 (its config says force_upcast); the UNet need not."""
     half = _check_against_float32(SdxlRefinerPrior, tiny_refiner, "float16", 32)
     assert half.vae_dtype == torch.float32 and next(half.vae.parameters()).dtype == torch.float32
+
+
+def test_float16_lora_update_scales_its_loss_at_the_real_latent_size(tiny_sd_v):
+    """At SD's 64x64 latents the denoising loss's gradients are small enough to underflow in fp16
+    activations (measured on this tiny UNet: 10 % gradient error, entries flushed to zero,
+    without scaling); the update's loss scaling keeps the adapter's gradient at float32's."""
+    cond_prompt = "a red chair"
+    x = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.5
+    sigma = torch.tensor([0.3])
+    grads, init = [], None
+    for dtype in ("float32", "float16"):
+        prior = StableDiffusionPrior.from_pretrained(str(tiny_sd_v), local_files_only=True, dtype=dtype)
+        phi = LoraScoreModel(prior, rank=4, lr=1e-3, seed=5)
+        with torch.no_grad():  # the same adapter in both, with B non-zero so that A has a gradient
+            if init is None:
+                g = torch.Generator().manual_seed(1)
+                init = {n: (p.normal_(0.0, 0.01, generator=g) if "lora_B" in n else p).detach().clone()
+                        for n, p in phi.lora_params.items()}
+            for n, p in phi.lora_params.items():
+                p.copy_(init[n])
+        phi.update(x, sigma, prior.condition(cond_prompt))
+        grads.append(torch.cat([p.grad.flatten() for p in phi.lora_params.values()]))
+    assert torch.isfinite(grads[1]).all()
+    assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 0.01

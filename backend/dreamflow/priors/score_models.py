@@ -127,6 +127,11 @@ class LoraScoreModel(ScoreModel):
         self._hook = unet.time_embedding.register_forward_hook(self._add_camera) if camera_embedding else None
         self._camera_emb: torch.Tensor | None = None
         self.optimiser = torch.optim.AdamW(params, lr=lr)
+        # Under a float16 UNet (GPUs without bf16) the update's gradients run back through fp16
+        # activations, where the denoising loss's small gradients underflow: scale the loss
+        # dynamically. bf16 has float32's range and needs none (the scaler is then a no-op).
+        self.scaler = torch.amp.GradScaler(self.base.device.type,
+                                           enabled=getattr(self.base, "dtype", None) == torch.float16)
         self.generator = torch.Generator().manual_seed(seed)
         self._phi_cond: dict[tuple[str, str], Conditioning] = {}
         unet.disable_adapters()
@@ -185,15 +190,17 @@ class LoraScoreModel(ScoreModel):
             raw = self.base.denoiser.raw(x_noisy, s, embeds)
             loss = torch.nn.functional.mse_loss(raw, self.base.denoiser.target(x, n, s))
             self.optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimiser.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimiser)
+            self.scaler.update()
         return loss.detach()  # read by the loop once the whole step is queued
 
     def state_dict(self):
         """Adapter weights, camera MLP, optimiser and noise generator."""
         return {"lora": {n: p.detach().clone() for n, p in self.lora_params.items()},
                 "camera": None if self.camera is None else {k: v.clone() for k, v in self.camera.state_dict().items()},
-                "optimiser": copy.deepcopy(self.optimiser.state_dict()), "generator": self.generator.get_state()}
+                "optimiser": copy.deepcopy(self.optimiser.state_dict()), "generator": self.generator.get_state(),
+                "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state):
         """Restore what state_dict() returned."""
@@ -204,3 +211,5 @@ class LoraScoreModel(ScoreModel):
             self.camera.load_state_dict(state["camera"])
         self.optimiser.load_state_dict(state["optimiser"])
         self.generator.set_state(state["generator"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
