@@ -51,7 +51,7 @@ class NerfField(nn.Module):
         self.settings = settings
         # MLP initialisation is part of the job's reproducibility, without touching the global RNG.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.random.default_generator.manual_seed(seed)  # CPU only; GPU streams untouched
             self.grid = make_hash_grid(settings.grid, device, backend=grid_backend, seed=seed)
             self.mlp = _mlp(self.grid.output_dim, settings.mlp_width, 4, hidden_layers=1).to(device)
             enc_dim = 3 + 6 * settings.background_frequencies

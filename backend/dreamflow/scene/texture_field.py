@@ -32,7 +32,7 @@ class TextureField(nn.Module):
                seed: int = 0) -> "TextureField":
         """A fresh field with these hash-grid settings."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.random.default_generator.manual_seed(seed)  # CPU only; GPU streams untouched
             grid = make_hash_grid(grid_config, device, seed=seed)
             mlp = nn.Sequential(nn.Linear(grid.output_dim, width), nn.ReLU(), nn.Linear(width, 3)).to(device)
         return cls(grid, mlp)
