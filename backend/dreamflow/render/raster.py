@@ -216,12 +216,16 @@ def rasterize(verts: torch.Tensor, faces: torch.Tensor, height: int, width: int 
         verts = to_clip(verts, cameras)
     if verts.ndim != 3 or verts.shape[-1] != 4:
         raise ValueError(f"expected clip-space vertices (B, V, 4), got {tuple(verts.shape)}")
-    if faces.numel() and (int(faces.min()) < 0 or int(faces.max()) >= verts.shape[1]):
-        raise ValueError("face indices out of range")
+    if faces.numel():
+        # One read for both bounds (out-of-range indices would be an illegal access in nvdiffrast).
+        lo, hi = torch.stack(torch.aminmax(faces)).tolist()
+        if lo < 0 or hi >= verts.shape[1]:
+            raise ValueError("face indices out of range")
     dr = choose_backend(verts.device, backend)
     if dr is None:
         return _rasterize_torch(verts, faces, height, width)
-    pos = (verts * torch.tensor([1.0, -1.0, 1.0, 1.0], device=verts.device, dtype=verts.dtype)).float().contiguous()
+    # nvdiffrast's image rows run bottom-up: flip y (built on the device, no host copy).
+    pos = torch.cat([verts[..., :1], -verts[..., 1:2], verts[..., 2:]], dim=-1).float().contiguous()
     tri32 = faces.int().contiguous()
     rast, _ = dr.rasterize(_context(dr, verts.device), pos, tri32, (height, width))
     u, v = rast[..., 0], rast[..., 1]

@@ -135,7 +135,18 @@ class Cameras:
 
     def mvp(self, near: float = 0.01, far: float = 10.0, aspect: float = 1.0) -> torch.Tensor:
         """World-to-clip matrices (B, 4, 4) for rasterisation."""
-        return self.projection(near, far, aspect) @ torch.linalg.inv(self.c2w())
+        return self.projection(near, far, aspect) @ self.w2c()
+
+    def w2c(self) -> torch.Tensor:
+        """World-to-camera matrices (B, 4, 4): the rigid inverse ``[R^T | -R^T t]``, exact and, unlike
+        a general inverse, without a singularity check that reads the device."""
+        c2w = self.c2w()
+        rot_t = c2w[:, :3, :3].transpose(1, 2)
+        m = torch.zeros_like(c2w)
+        m[:, :3, :3] = rot_t
+        m[:, :3, 3] = -(rot_t @ c2w[:, :3, 3:4])[..., 0]
+        m[:, 3, 3] = 1.0
+        return m
 
     def to_matrix_features(self) -> torch.Tensor:
         """Flattened 4x4 camera-to-world matrices (B, 16): the input of a camera-embedding MLP."""
