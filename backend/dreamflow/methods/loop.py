@@ -137,7 +137,8 @@ class Distillation:
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Full state for a checkpoint: a resumed run continues bit-for-bit where this one was."""
+        """Full state for a checkpoint: a resumed run continues where this one was, bit for bit on a
+        CPU (on a GPU, gradients accumulated with atomics make it equal up to rounding)."""
         return {
             "iteration": self.state.iteration,
             "rollbacks": self.state.rollbacks,
