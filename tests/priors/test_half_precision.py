@@ -94,3 +94,37 @@ def test_float16_lora_update_scales_its_loss_at_the_real_latent_size(tiny_sd_v):
         grads.append(torch.cat([p.grad.flatten() for p in phi.lora_params.values()]))
     assert torch.isfinite(grads[1]).all()
     assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 0.01
+
+
+def test_float16_lora_update_retried_after_out_of_memory_steps_like_a_clean_one(tiny_sd_eps):
+    """The loop retries a step that ran out of memory; if that happened inside the adapter's
+    optimiser step (AdamW allocating its state), the retry must not see gradients still scaled."""
+    prior = StableDiffusionPrior.from_pretrained(str(tiny_sd_eps), local_files_only=True, dtype="float16")
+    cond = prior.condition("a red chair")
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.5
+    sigma = torch.tensor([0.5])
+
+    def gradient_adamw_sees(out_of_memory_first: bool) -> float:
+        torch.manual_seed(0)
+        phi = LoraScoreModel(prior, rank=4, lr=1e-3, seed=5)
+        seen, real_step = {}, phi.optimiser.step
+
+        def step(*args, **kwargs):
+            seen["grad"] = float(torch.cat([p.grad.flatten().float() for p in phi.lora_params.values()
+                                            if p.grad is not None]).norm())
+            if out_of_memory_first and "raised" not in seen:
+                seen["raised"] = True
+                raise torch.OutOfMemoryError("out of memory (simulated, inside AdamW's first step)")
+            return real_step(*args, **kwargs)
+
+        phi.optimiser.step = step
+        if out_of_memory_first:
+            with pytest.raises(torch.OutOfMemoryError):
+                phi.update(x, sigma, cond)
+        phi.generator.manual_seed(5)
+        phi.update(x, sigma, cond)
+        phi.close()
+        return seen["grad"]
+
+    clean = gradient_adamw_sees(False)
+    assert gradient_adamw_sees(True) == pytest.approx(clean, rel=1e-3)

@@ -190,9 +190,20 @@ class LoraScoreModel(ScoreModel):
             raw = self.base.denoiser.raw(x_noisy, s, embeds)
             loss = torch.nn.functional.mse_loss(raw, self.base.denoiser.target(x, n, s))
             self.optimiser.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimiser)
-            self.scaler.update()
+            try:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimiser)
+                self.scaler.update()
+            except BaseException:
+                # An out-of-memory error between unscale_ and update() would leave the scaler
+                # believing the gradients are unscaled; the loop's retry would then step with
+                # gradients still multiplied by the scale. Start the retry from a clean scaler
+                # with the same scale (a device read, on this rare path only).
+                if self.scaler.is_enabled():
+                    state = self.scaler.state_dict()
+                    self.scaler = torch.amp.GradScaler(self.base.device.type)
+                    self.scaler.load_state_dict(state)
+                raise
         return loss.detach()  # read by the loop once the whole step is queued
 
     def state_dict(self):
