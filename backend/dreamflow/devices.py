@@ -27,3 +27,10 @@ def host_value(t: torch.Tensor) -> float:
     if t.device.type != "cpu":
         raise ValueError(f"host_value() reads host tensors only; this one is on {t.device} (a device sync)")
     return float(t)
+
+
+def host_list(t: torch.Tensor) -> list:
+    """The values of a *host* tensor as a list (no device read); a device tensor raises."""
+    if t.device.type != "cpu":
+        raise ValueError(f"host_list() reads host tensors only; this one is on {t.device} (a device sync)")
+    return t.tolist()

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..devices import upload
+from ..devices import host_list, upload
 from ..scene.cameras import VIEW_SUFFIXES, Cameras, view_suffix
 from .base import Conditioning, Prior, as_sigma
 from .noise_levels import DdpmNoiseLevels
@@ -225,8 +225,8 @@ class LatentDiffusionPrior(Prior):
         if len(cameras) != batch:
             raise ValueError(f"{len(cameras)} cameras for a batch of {batch}")
         host = cameras.host()  # the sampler's CPU draws: no device read in the middle of a step
-        az = host.azimuth_deg.detach().tolist()
-        el = host.elevation_deg.detach().tolist()
+        az = host_list(host.azimuth_deg.detach())
+        el = host_list(host.elevation_deg.detach())
         return torch.tensor([1 + VIEW_SUFFIXES.index(view_suffix(a, e)) for a, e in zip(az, el)])
 
     def cond_embeds(self, cond: Conditioning, batch: int, cameras: Cameras | None) -> dict[str, torch.Tensor]:
