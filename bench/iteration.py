@@ -354,12 +354,25 @@ def run_bench(s: BenchSettings, log: Callable[[str], None] | None = None) -> dic
     # Python's kernel launches with the GPU's work, so the plain run is the iteration's real time.
     instrumented_end = s.warmup + s.iters
     total = instrumented_end + s.iters
+    if len(loop.plan) < total:
+        raise SystemExit(f"the stage's plan has {len(loop.plan)} steps; {s.warmup} warm-up + 2 x {s.iters} iterations "
+                         f"need {total} (lower --iters/--warmup or raise the stage's steps with --set)")
     iteration_ms: list[float] = []
     instrumented_ms: list[float] = []
     cpu_ms: list[float] = []
     parts: list[dict[str, float]] = []
     health = {"rollbacks": 0, "nonfinite_steps": 0}
     state = {"last": timers.now(), "cpu": time.process_time(), "count": 0}
+    # A fast path that trades precision for speed must not trade away the result: count the steps
+    # whose loss or gradient is not finite (seen here, before the loop rolls them back).
+    step = loop.step
+
+    def checked_step(info):
+        report = step(info)
+        health["nonfinite_steps"] += not (math.isfinite(report.loss) and math.isfinite(report.grad_norm))
+        return report
+
+    loop.step = checked_step  # type: ignore[method-assign]
 
     def on_step(report) -> None:
         now = timers.now()
@@ -367,10 +380,6 @@ def run_bench(s: BenchSettings, log: Callable[[str], None] | None = None) -> dic
         state["count"] += 1
         elapsed = (now - state["last"]) * 1e3
         part = {k: v * 1e3 for k, v in timers.take().items()}
-        # A fast path that trades precision for speed must not trade away the result: count what
-        # the loop had to undo (NaN/inf rollbacks) and steps whose loss or gradient is not finite.
-        health["rollbacks"] = max(health["rollbacks"], report.rollbacks)
-        health["nonfinite_steps"] += not (math.isfinite(report.loss) and math.isfinite(report.grad_norm))
         phase = "warm-up" if state["count"] <= s.warmup else "breakdown" if state["count"] <= instrumented_end else "plain"
         if phase == "breakdown":
             instrumented_ms.append(elapsed)
@@ -394,8 +403,7 @@ def run_bench(s: BenchSettings, log: Callable[[str], None] | None = None) -> dic
         loop.run(on_step)
     except _Stop:
         pass
-    if not iteration_ms:
-        raise RuntimeError("no iteration was timed (the stage's plan is shorter than warm-up + iterations)")
+    health["rollbacks"] = loop.state.rollbacks
     timers.enabled = True
     peak_gb = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     floor = _floor(loop, captured["latents"], captured["images"], max(1, min(s.iters, 10)), timers)

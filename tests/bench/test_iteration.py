@@ -74,6 +74,41 @@ def test_bfloat16_stage_runs_clean(bench_workdir, stage):
     assert "numerics (all iterations): 0 NaN rollbacks, 0 non-finite steps" in format_table(r)
 
 
+def test_numerics_count_what_the_loop_undid(bench_workdir, monkeypatch):
+    """A render that goes NaN once is counted as a non-finite step and a rollback (the loop then
+    redoes the step), so a clean report means the run really was clean."""
+    import bench.iteration as iteration
+
+    real_build = iteration.build_stage
+
+    def build_with_one_bad_render(settings):
+        built = real_build(settings)
+        problem, calls = built.loop.problem, {"n": 0}
+        render = problem.render
+
+        def flaky(cameras):
+            calls["n"] += 1
+            out = render(cameras)
+            if calls["n"] == 2:
+                out.image = out.image * float("nan")
+            return out
+
+        problem.render = flaky
+        return built
+
+    monkeypatch.setattr(iteration, "build_stage", build_with_one_bad_render)
+    r = run_bench(BenchSettings(stage="2b", arch="tiny", device="cpu", preset="smoke", iters=2, warmup=0,
+                                workdir=str(bench_workdir)))
+    assert r["numerics"] == {"rollbacks": 1, "nonfinite_steps": 1}
+    assert "1 NaN rollbacks, 1 non-finite steps" in format_table(r)
+
+
+def test_a_plan_too_short_for_the_run_is_refused_up_front(bench_workdir):
+    with pytest.raises(SystemExit, match="need 41"):
+        run_bench(BenchSettings(stage="2a", arch="tiny", device="cpu", preset="smoke", iters=20, warmup=1,
+                                workdir=str(bench_workdir)))
+
+
 def test_stage_settings_follow_the_preset(results):
     assert results["1"]["settings"]["samples_per_ray"] == build_config("smoke").stage1.samples_per_ray
     assert results["2a"]["settings"]["score_model"] == "IdentityScoreModel"
