@@ -125,10 +125,13 @@ def apply_fast_path(prior: Any, fast: FastPath, device: torch.device | str | Non
     the names of what was applied, for logs and the benchmark table."""
     device = torch.device(device) if device is not None else getattr(prior, "device", torch.device("cpu"))
     done: list[str] = []
-    if fast.tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        done.append("tf32")
+    if device.type == "cuda":
+        # Both flags, both ways: cuDNN's defaults to on, so "off" has to be said (float32
+        # convolutions, e.g. an upcast VAE, would otherwise still round to TF32).
+        torch.backends.cuda.matmul.allow_tf32 = fast.tf32
+        torch.backends.cudnn.allow_tf32 = fast.tf32
+        if fast.tf32:
+            done.append("tf32")
     unet = getattr(prior, "unet", None)
     vae = getattr(prior, "vae", None)
     kind = "sdpa" if fast.sdpa else "unfused-attention"

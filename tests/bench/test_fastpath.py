@@ -92,3 +92,19 @@ def test_cpu_fast_path_changes_nothing_numerically(tiny_prior):
     applied = apply_fast_path(tiny_prior, for_device("cpu"), "cpu")
     assert applied == ["sdpa-unet", "sdpa-vae"]  # no offload on CPU: there is nothing to free
     assert torch.equal(before, _denoise(tiny_prior))
+
+
+def test_tf32_is_set_both_ways_for_matmuls_and_convolutions():
+    """cuDNN allows TF32 by default; the fast path's "off" must switch it off too (flags only: no
+    CUDA work happens for an object without networks)."""
+    from types import SimpleNamespace
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        assert apply_fast_path(SimpleNamespace(), FastPath(tf32=False), "cuda") == []
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert apply_fast_path(SimpleNamespace(), FastPath(tf32=True), "cuda") == ["tf32"]
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
