@@ -1,19 +1,24 @@
 """What an iteration holds in accelerator memory at its peak, counted without an accelerator.
 
 The issue's memory targets (stages 1 and 2 within 24 GB at the paper's settings, stage 3 within
-40 GB) are about the largest terms of an iteration, and those can be counted exactly:
+40 GB) are about the largest terms of an iteration, and those can be counted tensor by tensor:
 
 - the weights on the device (UNet and VAE in the fast path's dtype; the text encoder waits on the
-  CPU between prompt embeddings; with ``--phi-base separate`` the paper's second UNet too);
-- the LoRA adapter with its gradient and AdamW moments, and the 3D parameters with theirs;
+  CPU between prompt embeddings; with ``--phi-base separate`` the paper's second UNet too, and
+  its text encoder while D_phi's prompt is first embedded);
+- the LoRA adapter with its gradient and AdamW moments, the 3D parameters with theirs, and the
+  loop's rollback snapshot of them (two while it is renewed);
 - the tensors autograd saves for backward: the VAE encode of the render (alive until the step's
   backward), the LoRA update's pass through the UNet (alive during the update), and the 3D render.
 
+The terms are added up although not all are alive at once (stage 1's chunk graph exists only in
+the render's backward, after the VAE's tensors are freed), so the sum is an upper bound of them.
 The diffusion terms are counted on the meta device with the real architectures (shapes only: no
 memory, no time). Attention is counted as the fused kernels the fast path uses on a GPU keep it
 (inputs, output and one float32 log-sum-exp per query), not as the meta device's reference
 implementation, which would keep every attention matrix. The 3D terms come from a real render at
-the paper's settings on the CPU (the same tensors a GPU keeps). Stage 1's training render runs in
+the paper's settings on the CPU with the pure-PyTorch rasteriser and hash grid (what a GPU without
+nvdiffrast and tinycudann keeps; those keep less). Stage 1's training render runs in
 checkpointed ray chunks sized to a quarter of the card (pipeline/memory_plan.py), so its term is
 that budget. Not counted, so compared against the card with 15 % headroom: the CUDA context,
 cuBLAS/cuDNN workspaces, the allocator's fragmentation, and transient temporaries.
@@ -136,7 +141,13 @@ def diffusion_rows(arch: str, latent: int, image: int, dtype: torch.dtype, lora:
     rows = [Row("UNet weights", _nbytes(unet.parameters()), f"{arch}, {str(dtype)[6:]}"),
             Row("VAE weights", _nbytes(vae.parameters()), str(vae_dtype)[6:])]
     if separate_phi:
+        from transformers import CLIPTextConfig, CLIPTextModel
+
         rows.append(Row("D_phi's separate UNet (SD 2.1-v)", _nbytes(unet.parameters()), "paper layout"))
+        with torch.device("meta"):
+            text_encoder = CLIPTextModel(CLIPTextConfig(**spec.text)).to(dtype)
+        rows.append(Row("D_phi base's text encoder (first step)", _nbytes(text_encoder.parameters()),
+                        "while its prompt is first embedded, then offloaded"))
     frozen = {_storage_key(p) for p in list(unet.parameters()) + list(vae.parameters())}
     with fused_attention_counting():
         image_in = torch.zeros(1, 3, image, image, device="meta", dtype=vae_dtype, requires_grad=True)
@@ -171,7 +182,10 @@ def render_rows(stage: str, card_gb: float) -> list[Row]:
     bench = build_stage(BenchSettings(stage=stage, arch="tiny", device="cpu", preset="paper", iters=1, warmup=0))
     loop = bench.loop
     params = [p for g in loop.optimiser.param_groups for p in g["params"]]
-    rows = [Row("3D parameters + gradient + AdamW", 4 * _nbytes(params), f"{sum(p.numel() for p in params) / 1e6:.1f} M float32")]
+    rows = [Row("3D parameters + gradient + AdamW", 4 * _nbytes(params), f"{sum(p.numel() for p in params) / 1e6:.1f} M float32"),
+            # Distillation._snapshot deep-copies parameters and AdamW moments on the device; the
+            # old copy lives until the new one is made.
+            Row("rollback snapshot (two while renewed)", 2 * 3 * _nbytes(params), "parameters + AdamW moments")]
     if stage == "1":
         rays = cfg.views_per_iteration * cfg.resolution ** 2
         budget = int(card_gb * GIB / 4)
