@@ -17,8 +17,9 @@ def upload(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
-    # pin_memory() makes a fresh copy, so later host writes to ``t`` cannot race the transfer,
-    # and the caching host allocator keeps the pinned block until the copy has finished.
+    # A pageable tensor is first copied into a fresh pinned block, so later host writes to ``t``
+    # cannot race the transfer (an already pinned one is copied as it is: callers pass fresh
+    # draws); the caching host allocator keeps the block until the copy has finished.
     return t.pin_memory().to(device, non_blocking=True)
 
 
