@@ -514,6 +514,28 @@ def format_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def stage_settings(s: BenchSettings) -> list[BenchSettings]:
+    """The runs ``s`` asks for: itself, or with ``stage="all"`` every stage, each with its own
+    real architecture (SD 2.1 for stages 1-2, the SDXL refiner for stage 3) unless ``tiny``."""
+    if s.stage != "all":
+        return [s]
+    real = {"1": "sd21", "2a": "sd21", "2b": "sd21", "3": "sdxl-refiner"}
+    return [replace(s, stage=st, arch="tiny" if s.arch == "tiny" else real[st]) for st in STAGES]
+
+
+def format_pipeline(results: list[dict[str, Any]]) -> str:
+    """The whole pipeline at the paper's iteration counts: each stage's projection and the sum."""
+    lines = [f"{'pipeline (paper iterations)':<28}{'arch':>14}{'ms/it':>10}{'ratio':>8}{'peak GiB':>10}{'projected':>12}"]
+    for r in results:
+        st = r["settings"]
+        peak = "-" if r["peak_gpu_gb"] is None else f"{r['peak_gpu_gb']:.2f}"
+        lines.append(f"{st['name'] + ' x' + str(r['paper_iterations']):<28}{st['arch']:>14}{r['iteration_ms']['median']:>10.1f}"
+                     f"{r['ratio_to_floor']:>8.2f}{peak:>10}{_hms(r['projected_paper_s']):>12}")
+    total = sum(r["projected_paper_s"] for r in results)
+    lines.append(f"{'projected full pipeline':<70}{_hms(total):>12}")
+    return "\n".join(lines)
+
+
 def _hms(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f} s"
@@ -525,7 +547,8 @@ def _hms(seconds: float) -> str:
 def parse_args(argv: list[str] | None = None) -> BenchSettings:
     """Command-line settings."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", choices=STAGES, default="1")
+    p.add_argument("--stage", choices=STAGES + ("all",), default="1",
+                   help="all: every stage with its real architecture (or tiny) and the projected pipeline time")
     p.add_argument("--arch", choices=arch_mod.ARCH_NAMES, default="tiny")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--iters", type=int, default=20, help="timed iterations (after warm-up)")
@@ -552,13 +575,19 @@ def parse_args(argv: list[str] | None = None) -> BenchSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one stage's benchmark and print its table."""
+    """Run the stage's benchmark (or every stage's) and print the tables."""
     s = parse_args(argv)
-    result = run_bench(s, log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(format_table(result))
+    runs = stage_settings(s)
+    results = []
+    for run in runs:
+        results.append(run_bench(run, log=lambda m: print(m, file=sys.stderr, flush=True)))
+        print(format_table(results[-1]), end="\n\n" if len(runs) > 1 else "\n", flush=True)
+    if len(runs) > 1:
+        print(format_pipeline(results))
     out = getattr(s, "json_out", None)
     if out:
-        Path(out).write_text(json.dumps({"bench_settings": asdict(s), **result}, indent=2, default=str))
+        data = [{"bench_settings": asdict(run), **r} for run, r in zip(runs, results)]
+        Path(out).write_text(json.dumps(data if len(runs) > 1 else data[0], indent=2, default=str))
     return 0
 
 

@@ -109,6 +109,24 @@ def test_a_plan_too_short_for_the_run_is_refused_up_front(bench_workdir):
                                 workdir=str(bench_workdir)))
 
 
+def test_all_stages_print_the_projected_pipeline(results, monkeypatch, capsys, tmp_path):
+    """--stage all runs every stage with its own real architecture and sums the projections."""
+    import bench.iteration as iteration
+
+    seen = []
+    monkeypatch.setattr(iteration, "run_bench", lambda s, log=None: seen.append(s) or results[s.stage])
+    assert main(["--stage", "all", "--arch", "sd21", "--iters", "5", "--json", str(tmp_path / "all.json")]) == 0
+    assert [(s.stage, s.arch, s.iters) for s in seen] == [("1", "sd21", 5), ("2a", "sd21", 5), ("2b", "sd21", 5),
+                                                          ("3", "sdxl-refiner", 5)]
+    out = capsys.readouterr().out
+    total = sum(results[stage]["projected_paper_s"] for stage in ("1", "2a", "2b", "3"))
+    assert out.strip().splitlines()[-1].startswith("projected full pipeline")
+    assert out.strip().endswith(iteration._hms(total))
+    assert out.count("iteration / UNet floor") == 4
+    assert [d["bench_settings"]["stage"] for d in json.loads((tmp_path / "all.json").read_text())] == ["1", "2a", "2b", "3"]
+    assert {s.arch for s in iteration.stage_settings(BenchSettings(stage="all", arch="tiny"))} == {"tiny"}
+
+
 def test_stage_settings_follow_the_preset(results):
     assert results["1"]["settings"]["samples_per_ray"] == build_config("smoke").stage1.samples_per_ray
     assert results["2a"]["settings"]["score_model"] == "IdentityScoreModel"
