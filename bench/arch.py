@@ -148,6 +148,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
 
 
+def meta_unet_inputs(arch: str, latent_size: int, dtype: torch.dtype = torch.float32) -> tuple[tuple, dict[str, Any]]:
+    """Arguments of one UNet forward (batch 1, 77 text tokens) on the meta device: the positional
+    (latents, timestep, text) and the SDXL refiner's added conditioning."""
+    spec = ARCHS[arch]
+    meta = dict(device="meta", dtype=dtype)
+    kwargs: dict[str, Any] = {}
+    if spec.family == "sdxl-refiner":
+        pooled = spec.unet["projection_class_embeddings_input_dim"] - 5 * spec.unet["addition_time_embed_dim"]
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, pooled, **meta), "time_ids": torch.zeros(1, 5, **meta)}
+    args = (torch.zeros(1, 4, latent_size, latent_size, **meta), torch.zeros(1, device="meta"),
+            torch.zeros(1, 77, spec.unet["cross_attention_dim"], **meta))
+    return args, kwargs
+
+
 def pass_flops(arch: str, latent_size: int, image_size: int) -> dict[str, float]:
     """Counted FLOPs of one UNet forward (batch 1, 77 text tokens) and one VAE-encoder forward
     (batch 1, ``image_size`` square) of an architecture, on the meta device (no memory, no time
@@ -160,14 +174,9 @@ def pass_flops(arch: str, latent_size: int, image_size: int) -> dict[str, float]
     with torch.device("meta"):
         unet = UNet2DConditionModel(**spec.unet)
         vae = AutoencoderKL(**spec.vae)
-        kwargs: dict[str, Any] = {}
-        if spec.family == "sdxl-refiner":
-            pooled = spec.unet["projection_class_embeddings_input_dim"] - 5 * spec.unet["addition_time_embed_dim"]
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, pooled), "time_ids": torch.zeros(1, 5)}
-        latents = torch.zeros(1, 4, latent_size, latent_size)
-        text = torch.zeros(1, 77, spec.unet["cross_attention_dim"])
+        args, kwargs = meta_unet_inputs(arch, latent_size)
         with FlopCounterMode(display=False) as counter:
-            unet(latents, torch.zeros(1), text, **kwargs)
+            unet(*args, **kwargs)
         unet_flops = counter.get_total_flops()
         with FlopCounterMode(display=False) as counter:
             vae.encode(torch.zeros(1, 3, image_size, image_size))

@@ -120,6 +120,17 @@ class Timers:
         finally:
             self.current[name] = self.current.get(name, 0.0) + self.now() - start
 
+    def median_ms(self, fn: Callable[[], Any], warmup: int, repeats: int) -> float:
+        """Median milliseconds of ``repeats`` synchronised calls of ``fn`` after ``warmup`` calls."""
+        for _ in range(warmup):
+            fn()  # allocator, lazy initialisation
+        times = []
+        for _ in range(repeats):
+            start = self.now()
+            fn()
+            times.append((self.now() - start) * 1e3)
+        return statistics.median(times)
+
     def mark(self, name: str) -> None:
         """Remember the first time ``name`` happened in this iteration."""
         if self.enabled:
@@ -325,16 +336,7 @@ def _floor(loop: Distillation, latents: torch.Tensor, images: torch.Tensor, repe
 
     if prior.is_latent:
         passes["vae_encode_fwd_bwd"] = vae
-    out: dict[str, float] = {}
-    for name, fn in passes.items():
-        fn()  # first call outside the timing (allocator, lazy init)
-        times = []
-        for _ in range(repeats):
-            start = timers.now()
-            fn()
-            times.append((timers.now() - start) * 1e3)
-        out[name] = statistics.median(times)
-    return out
+    return {name: timers.median_ms(fn, warmup=1, repeats=repeats) for name, fn in passes.items()}
 
 
 def run_bench(s: BenchSettings, log: Callable[[str], None] | None = None) -> dict[str, Any]:

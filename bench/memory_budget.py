@@ -163,14 +163,8 @@ def diffusion_rows(arch: str, latent: int, image: int, dtype: torch.dtype, lora:
             # parameter, gradient and AdamW's two moments
             rows.append(Row("LoRA adapter + gradient + AdamW", 4 * _nbytes(adapter), f"rank {lora_rank}, float32"))
             frozen |= {_storage_key(p) for p in adapter}
-            x = torch.zeros(1, 4, latent, latent, device="meta", dtype=dtype)
-            kwargs: dict[str, Any] = {}
-            if spec.family == "sdxl-refiner":
-                pooled = spec.unet["projection_class_embeddings_input_dim"] - 5 * spec.unet["addition_time_embed_dim"]
-                kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, pooled, device="meta", dtype=dtype),
-                                               "time_ids": torch.zeros(1, 5, device="meta", dtype=dtype)}
-            text = torch.zeros(1, 77, spec.unet["cross_attention_dim"], device="meta", dtype=dtype)
-            _, update_saved = saved_bytes(lambda: unet(x, torch.zeros(1, device="meta"), text, **kwargs).sample, frozen)
+            args, kwargs = arch_mod.meta_unet_inputs(arch, latent, dtype)
+            _, update_saved = saved_bytes(lambda: unet(*args, **kwargs).sample, frozen)
             rows.append(Row("LoRA update, saved for backward", update_saved, f"{latent}x{latent} latents, during the update"))
     return rows
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -63,17 +62,6 @@ def ladder(device: torch.device, compile_unet: bool) -> list[Row]:
     return rows
 
 
-def _time(fn: Callable[[], Any], timers: Timers, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = timers.now()
-        fn()
-        times.append((timers.now() - start) * 1e3)
-    return statistics.median(times)
-
-
 def measure(arch: str, device: str, repeats: int = 3, warmup: int = 1, compile_unet: bool = False,
             seed: int = 0, workdir: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Time the three diffusion passes under each rung of the ladder; the results as a dict."""
@@ -110,9 +98,9 @@ def measure(arch: str, device: str, repeats: int = 3, warmup: int = 1, compile_u
         try:
             result = {
                 "label": row.label, "applied": applied, "dtype": str(dtype).replace("torch.", ""),
-                "prior_unet_ms": _time(lambda: prior.denoise(noisy, sigma, cond, cams), timers, warmup, repeats),
-                "lora_update_ms": _time(lambda: phi.update(latents, sigma, cond, cams), timers, warmup, repeats),
-                "vae_encode_fwd_bwd_ms": _time(vae, timers, warmup, repeats),
+                "prior_unet_ms": timers.median_ms(lambda: prior.denoise(noisy, sigma, cond, cams), warmup, repeats),
+                "lora_update_ms": timers.median_ms(lambda: phi.update(latents, sigma, cond, cams), warmup, repeats),
+                "vae_encode_fwd_bwd_ms": timers.median_ms(vae, warmup, repeats),
             }
             estimate = prior.denoise(noisy, sigma, cond, cams).float()
         finally:
