@@ -19,11 +19,9 @@ dropped) and retried, so no subscriber ever misses an event.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import queue
 import time
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import zmq
 
 from dreamflow_protocol import (DEFAULT_LIMITS, METHODS, PROTOCOL_VERSION, START_STAGES, Limits, Message, ProtocolError, decode,
                                 encode, new_id, validate_message)
+from dreamflow_protocol.endpoints import is_local_endpoint
 from dreamflow_protocol.schema import REQUEST_TYPES
 from dreamflow_protocol.wake import Doorbell
 
@@ -54,22 +53,6 @@ class ServerConfigError(RuntimeError):
     """The server cannot start with these settings (the reason in words)."""
 
 
-def is_loopback(endpoint: str) -> bool:
-    """True for ipc://, inproc:// and tcp:// endpoints on a loopback address."""
-    scheme, _, rest = endpoint.partition("://")
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    host = urllib.parse.urlsplit(f"//{rest}").hostname or rest.rsplit(":", 1)[0]
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # "*", an interface name, or a host name: not provably local
-
-
 def transport_cap(limits: Limits) -> int:
     """The largest single frame ZeroMQ accepts before it drops the connection."""
     return max(2 * limits.max_frame_bytes, limits.max_frame_bytes + 1024 * 1024)
@@ -87,7 +70,7 @@ class Server:
     def __init__(self, store: str | Path, bind: str = "tcp://127.0.0.1:5555", *, max_queue: int = 8,
                  runner: Runner | None = None, limits: Limits = DEFAULT_LIMITS, keys: str | Path | None = None,
                  context: zmq.Context | None = None, keep_jobs: int | None = None, keep_days: float | None = None) -> None:
-        if not is_loopback(bind) and keys is None:
+        if not is_local_endpoint(bind) and keys is None:
             raise ServerConfigError(f"refusing to bind {bind}: it is reachable from other machines, and remote use needs "
                                     f"authentication; make keys with `dreamflow keys --out DIR` and pass --keys DIR")
         if keep_jobs is not None and keep_jobs < 1:
