@@ -19,9 +19,9 @@ def reference_renderer(config: JobConfig, device: torch.device):
     from ..scene.reference_object import builtin_house, load_reference
 
     if config.prior.reference == "builtin":
-        return ReferenceRenderer(builtin_house(), device=device)
-    mesh, colours = load_reference(config.prior.reference)
-    return ReferenceRenderer(mesh, colours, device=device)
+        return ReferenceRenderer(builtin_house(), device=device, colours_from="texture")
+    loaded = load_reference(config.prior.reference)
+    return ReferenceRenderer(loaded.mesh, loaded.vertex_colours, device=device, colours_from=loaded.colours_from)
 
 
 def _tiny_folder(ctx: JobContext) -> Path:
