@@ -367,20 +367,27 @@ def _apply_event(scene: bpy.types.Scene, job: Any, msg: Any, prepared: Any = Non
         job.state = "done"
         job.step = job.total
         job.eta = -1.0
-        obj = importer.find_object_by_id(job.object_id) or bpy.data.objects.get(job.object_name)
-        if obj is not None:
-            importer.pack_job_images(obj)
+        _pack_job(job)
         job.message = "done" + (f" in {f['seconds']:.0f} s" if f.get("seconds") is not None else "")
     elif msg.type == "cancelled":
         job.state = "cancelled"
         job.eta = -1.0
         job.message = f"cancelled: {f['reason']}"
+        _pack_job(job)   # what it made so far stays, as shown
     elif msg.type == "error":
         job.state = "failed"
         job.eta = -1.0
+        _pack_job(job)
         report("ERROR", f"Job {job.job_id[:8]} failed: {f['message']}", job)
     elif msg.type == "log" and f["level"] in ("warning", "error"):
         job.message = f["message"]
+
+
+def _pack_job(job: Any) -> None:
+    """Pack the job's object's textures as they are shown now (a job that ended)."""
+    obj = importer.find_object_by_id(job.object_id) or bpy.data.objects.get(job.object_name)
+    if obj is not None:
+        importer.pack_job_images(obj)
 
 
 def job_for_object(scene: bpy.types.Scene, obj: bpy.types.Object) -> Any:
