@@ -35,15 +35,20 @@ def _object_of(job_id: str) -> bpy.types.Object:
     return next(o for o in bpy.data.objects if o.get("dreamflow_job") == job_id)
 
 
-def test_a_saved_blend_reopens_with_the_last_texture_of_a_generated_and_a_refined_object(addon, staged_server,
-                                                                                         tmp_path):
-    point_at(staged_server.endpoint)
+def _start_job(server: ServerProcess, prompt: str):
+    """Generate with the staged server; the panel's job record."""
+    point_at(server.endpoint)
     s = bpy.context.scene.dreamflow
-    s.prompt = "several stages"
+    s.prompt = prompt
     s.preset = "smoke"
     s.extra_overrides = f"stage1.steps={STEPS}"
     assert bpy.ops.dreamflow.generate() == {"FINISHED"}
-    job = s.jobs[0]
+    return s.jobs[-1]
+
+
+def test_a_saved_blend_reopens_with_the_last_texture_of_a_generated_and_a_refined_object(addon, staged_server,
+                                                                                         tmp_path):
+    job = _start_job(staged_server, "several stages")
     pump(addon, lambda: job.state == "done")
     last = scripted_mesh(STEPS + LATER)["texture"].astype(int)
     assert not np.array_equal(last, scripted_mesh(STEPS)["texture"])   # stage 1's texture differs
@@ -73,13 +78,7 @@ def test_a_saved_blend_reopens_with_the_last_texture_of_a_generated_and_a_refine
 
 
 def test_a_blend_saved_while_a_job_runs_holds_the_texture_shown_then(addon, staged_server, tmp_path):
-    point_at(staged_server.endpoint)
-    s = bpy.context.scene.dreamflow
-    s.prompt = "save mid-job"
-    s.preset = "smoke"
-    s.extra_overrides = f"stage1.steps={STEPS}"
-    assert bpy.ops.dreamflow.generate() == {"FINISHED"}
-    job = s.jobs[0]
+    job = _start_job(staged_server, "save mid-job")
     pump(addon, lambda: any(o.get("dreamflow_job") == job.job_id and o.data["dreamflow_stage"] == "texture"
                             for o in bpy.data.objects))
     obj = _object_of(job.job_id)
