@@ -303,6 +303,7 @@ def _from_listing(model: str, role: str, folder: Path, source: str, listing: lis
 
 def _download(model: str, role: str, variant: str | None, revision: str) -> ModelFiles:
     """Fetch model_index.json, list the repository, then download exactly the needed files."""
+    import httpx2
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub import errors as hf_errors
 
@@ -332,7 +333,7 @@ def _download(model: str, role: str, variant: str | None, revision: str) -> Mode
     except hf_errors.LocalEntryNotFoundError:  # what huggingface_hub raises when the Hub cannot be reached
         raise _error(model, role, None, "is not in the cache and the Hugging Face Hub could not be reached",
                      "check the network or a proxy (HF_ENDPOINT), or copy a cache that holds the model") from None
-    except (OSError, hf_errors.HfHubHTTPError) as exc:  # disk full, HTTP errors
+    except (OSError, httpx2.HTTPError) as exc:  # disk full, HTTP errors, a connection cut for good mid-file
         raise _error(model, role, None, f"could not be downloaded ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
                      "check the network (or set HF_HUB_OFFLINE=1 and use a model already in the cache)") from None
     return _from_listing(model, role, snapshot, "hub", list_files(snapshot), variant)
