@@ -167,12 +167,30 @@ def test_a_second_fetch_with_everything_present_sends_no_request(fetched):
 
 
 # -- 2: planning a GPU job's download from this CPU machine -------------------------------------
+def test_a_cuda_fetch_after_a_cpu_fetch_needs_nothing_more(fetched):
+    # Half precision reads a part's fp16 variant where it is on disk, else casts the plain weights:
+    # with the plain ones present the model is complete for a GPU job too.
+    home, hub, _done, _requests = fetched
+    hub.take_requests()
+    done = _models("fetch", home, hub, "--device", "cuda")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "nothing to download" in done.stdout
+    assert hub.take_requests() == []
+
+
 def test_fetch_for_a_cuda_job_downloads_the_fp16_variants(hub, repo_folders, tmp_path):
     done = _models("fetch", tmp_path / "hf-home", hub, "--device", "cuda")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     expected = {repo: {n.replace(".safetensors", ".fp16.safetensors") if n.endswith("model.safetensors") else n
                        for n in names} for repo, names in _expected_float32(repo_folders).items()}
-    assert {repo: set(names) for repo, names in _gets_by_repo(hub).items()} == expected
+    assert {repo: set(names) for repo, names in _gets_by_repo(hub, hub.take_requests()).items()} == expected
+    # The same cache for a CPU job: only the plain weights are fetched, nothing else again.
+    done = _models("fetch", tmp_path / "hf-home", hub, "--device", "cpu")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    plain = {repo: {n for n in names if n.endswith("model.safetensors")}
+             for repo, names in _expected_float32(repo_folders).items()}
+    assert {repo: set(names) for repo, names in _gets_by_repo(hub, hub.take_requests()).items()} == plain
+    _assert_nothing_half_written(tmp_path / "hf-home", repo_folders)
 
 
 # -- 3: a connection cut in the middle of the UNet's weights ------------------------------------
