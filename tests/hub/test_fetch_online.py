@@ -264,3 +264,15 @@ def test_a_missing_and_a_gated_model_each_give_one_line(hub, tmp_path):
     gated = _one_problem_line(done, "phi")
     assert f"'{GATED}'" in gated and "is gated" in gated and "accept its licence" in gated
     assert hub.file_gets() == []  # nothing was downloaded for either
+
+
+def test_an_unreachable_hub_fails_each_model_in_one_line_without_retrying_for_long(repo_folders, tmp_path):
+    hub = _start_hub(repo_folders)
+    hub.stop()  # nothing listens on its port any more
+    done = _models("fetch", tmp_path / "hf-home", hub, "--device", "cpu")
+    assert done.returncode == 1
+    for role in ("prior", "phi", "refiner"):
+        assert "the Hugging Face Hub could not be reached" in _one_problem_line(done, role)
+    # The first request fails at once; huggingface_hub's download calls would retry with back-off
+    # (1, 2, 4, 8, 8 s) for each model before giving up.
+    assert "Retrying in" not in done.stderr, done.stderr[-2000:]
