@@ -157,27 +157,19 @@ def test_after_the_fetch_list_says_ready_and_the_priors_load_offline_from_the_fr
     assert isinstance(refiner, SdxlRefinerPrior) and refiner.conditioner.requires_aesthetics_score
 
 
-def test_a_second_fetch_with_everything_present_sends_no_request(fetched):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_second_fetch_with_everything_present_sends_no_request(fetched, device):
+    # For cuda too: half precision reads a part's fp16 variant where it is on disk, else casts the
+    # plain weights, so with the plain ones present the model is complete for a GPU job as well.
     home, hub, _done, _requests = fetched
     hub.take_requests()
-    again = _models("fetch", home, hub, "--device", "cpu")
+    again = _models("fetch", home, hub, "--device", device)
     assert again.returncode == 0, again.stdout + again.stderr[-2000:]
     assert "nothing to download" in again.stdout
     assert hub.take_requests() == []
 
 
 # -- 2: planning a GPU job's download from this CPU machine -------------------------------------
-def test_a_cuda_fetch_after_a_cpu_fetch_needs_nothing_more(fetched):
-    # Half precision reads a part's fp16 variant where it is on disk, else casts the plain weights:
-    # with the plain ones present the model is complete for a GPU job too.
-    home, hub, _done, _requests = fetched
-    hub.take_requests()
-    done = _models("fetch", home, hub, "--device", "cuda")
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert "nothing to download" in done.stdout
-    assert hub.take_requests() == []
-
-
 def test_fetch_for_a_cuda_job_downloads_the_fp16_variants(hub, repo_folders, tmp_path):
     done = _models("fetch", tmp_path / "hf-home", hub, "--device", "cuda")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
