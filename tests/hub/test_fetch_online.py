@@ -63,7 +63,7 @@ def _models(action: str, home: Path, hub: FakeHub, *args: str) -> subprocess.Com
                           capture_output=True, text=True, env=_env(home, hub))
 
 
-def _read_by_float32(model: str, folder: Path, parts: tuple[str, ...]) -> set[str]:
+def _read_by_float32(folder: Path, parts: tuple[str, ...]) -> set[str]:
     """What a float32 job reads of a repository, written out by hand (not computed by the code under test)."""
     weights = {"unet": UNET, "vae": "vae/diffusion_pytorch_model.safetensors",
                "text_encoder": "text_encoder/model.safetensors", "text_encoder_2": "text_encoder_2/model.safetensors"}
@@ -78,9 +78,9 @@ def _read_by_float32(model: str, folder: Path, parts: tuple[str, ...]) -> set[st
 
 def _expected_float32(repo_folders: dict[str, Path]) -> dict[str, set[str]]:
     return {
-        SD21_BASE: _read_by_float32(SD21_BASE, repo_folders[SD21_BASE], ("unet", "vae", "text_encoder", "tokenizer")),
-        SD21: _read_by_float32(SD21, repo_folders[SD21], ("unet", "text_encoder", "tokenizer")),  # D_phi: no VAE
-        SDXL_REFINER: _read_by_float32(SDXL_REFINER, repo_folders[SDXL_REFINER],
+        SD21_BASE: _read_by_float32(repo_folders[SD21_BASE], ("unet", "vae", "text_encoder", "tokenizer")),
+        SD21: _read_by_float32(repo_folders[SD21], ("unet", "text_encoder", "tokenizer")),  # D_phi: no VAE
+        SDXL_REFINER: _read_by_float32(repo_folders[SDXL_REFINER],
                                        ("unet", "vae", "text_encoder_2", "tokenizer_2")),
     }
 
