@@ -21,6 +21,7 @@ from dreamflow_protocol import Message, ProtocolError, validate_message
 from dreamflow_protocol.schema import SCHEMAS, Nullable
 
 from ..events import Cancelled, JobControl
+from .runners import run_spec
 from .store import TERMINAL_STATES, JobRecord, JobStore, StoreError
 
 log = logging.getLogger("dreamflow.server")
@@ -51,8 +52,9 @@ class JobSink:
         self.publish = publish
         self._warned: set[str] = set()
 
-    def emit(self, kind: str, fields: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> None:
-        """Turn one pipeline event into a stored, published protocol message."""
+    def emit(self, kind: str, fields: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None,
+             event_id: str | None = None) -> None:
+        """Turn one pipeline event into a stored, published protocol message (``event_id``: its id, when given)."""
         fields = dict(fields)
         arrays = dict(arrays or {})
         if kind not in PIPELINE_KINDS:
@@ -82,7 +84,7 @@ class JobSink:
             arrays = {"image": next(iter(arrays.values()))}
         if kind == "preview" and "image" in arrays:
             arrays["image"] = _as_uint8_image(arrays["image"])
-        msg = Message(kind, fields, arrays, job=self.job.job_id, seq=0)
+        msg = Message(kind, fields, arrays, job=self.job.job_id, seq=0, **({"id": event_id} if event_id else {}))
         try:
             validate_message(msg)
         except ProtocolError as exc:
@@ -179,6 +181,15 @@ class Worker:
         current[1].cancel(reason)
         return True
 
+    def running(self) -> list[str]:
+        """The running job's id (a list: other runners run several at once)."""
+        current = self.current
+        return [current[0]] if current else []
+
+    def describe(self) -> dict[str, Any]:
+        """Where jobs run: here, one at a time."""
+        return {"runner": "in-process", "slots": 1}
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -208,8 +219,6 @@ class Worker:
                     self.current = None
 
     def _run_job(self, job: JobRecord, control: JobControl) -> None:
-        from ..pipeline.config import build_config  # the pipeline layer, below the server
-
         sink = JobSink(job, self.publish)
         resumed = job.state.get("state") == "running"  # it was running when the server stopped
         job.save_state(state="running", started=time.time(), resumes=job.state.get("resumes", 0) + int(resumed))
@@ -218,17 +227,7 @@ class Worker:
         spec = job.spec
         start = time.perf_counter()
         try:
-            config = build_config(spec.get("preset") or "preview", spec.get("overrides") or {}, prompt=spec["prompt"],
-                                  negative_prompt=spec.get("negative_prompt"), seed=spec.get("seed"), method=spec.get("method"))
-            mesh_arrays = job.input_mesh()
-            input_mesh = None
-            if mesh_arrays:
-                from ..export.mesh import MeshData
-
-                input_mesh = MeshData.from_arrays(mesh_arrays).validate()
-            result = self.runner(config, job.out_dir, sink, control, input_mesh=input_mesh,
-                                 start_stage=spec.get("start_stage"), start_t=spec.get("start_t"),
-                                 checkpoint_dir=job.checkpoint_dir)
+            result = run_spec(spec, job.input_mesh(), job.out_dir, sink, control, job.checkpoint_dir, self.runner)
             files = self._result_files(job, getattr(result, "files", {}) or {})
             report = getattr(result, "report", None) or {}
             job.save_state(files=files)
