@@ -1,5 +1,7 @@
-"""A real Ray cluster on loopback for the scale-out tests and benchmark: a head node and more node
-processes, each declaring one fake GPU, all small (1 CPU, 100 MB object store, no dashboard).
+"""A real Ray cluster on this machine for the scale-out tests and benchmark: a head node and more
+node processes, each declaring one fake GPU, all small (1 CPU, 100 MB object store, no dashboard).
+Clients reach the head at 127.0.0.1; Ray itself replaces a loopback node address by the machine's
+own address and listens on all interfaces (README "Scaling out" says how to keep that private).
 
 Each node is one ``ray start --block`` in its own process group, with a private temp folder and
 ports, so a node can be killed like a machine that dies (SIGKILL to its whole group) and the
@@ -10,6 +12,7 @@ stop every Ray of this user).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,13 +47,25 @@ class Node:
             pass
         self.proc.wait(30)
 
+    def runs(self, pid: int) -> bool:
+        """Whether process ``pid`` belongs to this node (Ray's workers are children of its raylet)."""
+        while pid > 1:
+            try:
+                if os.getpgid(pid) == self.proc.pid:
+                    return True
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except (ProcessLookupError, FileNotFoundError):
+                return False
+            pid = int(stat.rsplit(")", 1)[1].split()[1])  # the parent's pid
+        return False
+
     def stop(self) -> None:
         """SIGTERM the node's group, then SIGKILL what is left."""
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             return
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 3
         while time.monotonic() < deadline and _group_alive(self.proc.pid):
             time.sleep(0.2)
         self.kill()
@@ -73,7 +88,7 @@ class LocalCluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: list[Node] = []
-        base = 20000 + (os.getpid() * 37) % 20000
+        base = 10100 + (os.getpid() * 37) % 18000  # below the kernel's ephemeral ports, where free_port() picks
         self._worker_ports = iter(range(base, base + 4000, 200))
         self.env = dict(os.environ, PYTHONPATH=f"{REPO / 'backend'}{os.pathsep}{REPO / 'shared'}", OMP_NUM_THREADS="1",
                         RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
@@ -85,7 +100,7 @@ class LocalCluster:
         name = "head" if head else f"node{len(self.nodes)}"
         lo = next(self._worker_ports)
         args = [RAY, "start", "--block", "--num-cpus", str(self.cpus), "--num-gpus", str(self.gpus),
-                "--object-store-memory", str(100 * 1024 * 1024), "--node-ip-address", "127.0.0.1",
+                "--object-store-memory", str(100 * 1024 * 1024),
                 "--min-worker-port", str(lo), "--max-worker-port", str(lo + 199),
                 "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
                 "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
@@ -130,3 +145,4 @@ class LocalCluster:
         if self.nodes:
             self.nodes[0].stop()
         self.nodes.clear()
+        shutil.rmtree(self.tmp, ignore_errors=True)

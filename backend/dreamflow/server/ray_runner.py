@@ -114,6 +114,8 @@ class _StreamSink:
     def emit(self, kind: str, fields: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> None:
         """Queue one event for the server, after any checkpoint written since the last one."""
         self.actor._collect_checkpoints()
+        if kind == "progress":
+            self.actor._last_step = (str(fields.get("stage")), int(fields.get("step", 0)))
         arrays = {k: np.asarray(v) for k, v in (arrays or {}).items()}
         self.actor._append(("event", new_id(), kind, dict(fields), arrays, time.time()),
                            sum(a.nbytes for a in arrays.values()))
@@ -137,6 +139,8 @@ class JobActor:
         self._contact = time.monotonic()
         self._orphan_seconds = orphan_seconds
         self._thread: threading.Thread | None = None
+        self._last_step: tuple[str, int] | None = None  # the last progress event's (stage, step)
+        self._cancel_step: tuple[str, int] | None = None  # ...when the cancel arrived
         threading.Thread(target=self._watchdog, name="dreamflow-orphan-watchdog", daemon=True).start()
 
     # Methods the server calls.
@@ -184,6 +188,7 @@ class JobActor:
 
     def cancel(self, reason: str) -> None:
         """Stop the job at its next optimisation step."""
+        self._cancel_step = self._last_step
         self.control.cancel(reason)
         with self._cond:
             self._cond.notify_all()
@@ -226,6 +231,11 @@ class JobActor:
             end = {"state": "done", "files": files, "blobs": blobs, "report": _plain(getattr(result, "report", None) or {}),
                    "seconds": time.perf_counter() - start}
         except Cancelled as exc:
+            if self._cancel_step is not None and self._last_step is not None:
+                (stage, at), (_, last) = self._cancel_step, self._last_step
+                _StreamSink(self).emit("log", {"level": "info", "stage": stage, "message":
+                                               f"the cancel reached the worker after {stage} step {at}; "
+                                               f"the job stopped after step {last}"})
             end = {"state": "cancelled", "reason": str(exc) or "cancelled"}
         except Exception as exc:
             end = {"state": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-8000:]}
@@ -293,6 +303,7 @@ class RayJobs:
         self._threads: list[threading.Thread] = []
         self._slots = 0
         self._slots_read = 0.0
+        self._free: dict[str, float] = {}
         self._job_gpus = 0.0
         self._latencies: collections.deque[float] = collections.deque(maxlen=2048)
         self._actor_class: Any = None
@@ -379,7 +390,7 @@ class RayJobs:
         """Where jobs run, how many at once, and what the relay adds to each event's latency."""
         lat = sorted(self._latencies)
         pct = (lambda q: round(1000 * lat[min(len(lat) - 1, int(q * len(lat)))], 2)) if lat else (lambda q: None)
-        return {"runner": "ray", "ray_address": self.options.address, "slots": self._slots,
+        return {"runner": "ray", "ray_address": self.options.address, "slots": self._slots, "free": dict(self._free),
                 "job_resources": {"GPU": self._job_gpus, "CPU": self.options.job_cpus,
                                   "memory_gb": self.options.job_memory_gb},
                 "relay_latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "events": len(lat)}}
@@ -393,17 +404,24 @@ class RayJobs:
             need = {"GPU": self._job_gpus, "CPU": self.options.job_cpus,
                     "memory": (self.options.job_memory_gb or 0) * 2 ** 30}
             self._slots = int(min(math.floor(total.get(k, 0) / v + 1e-9) for k, v in need.items() if v > 0))
+            free = ray.available_resources()
+            self._free = {k: free.get(k, 0.0) for k in ("GPU", "CPU")}
             self._slots_read = now
         return self._slots
 
     def _dispatch(self) -> None:
         while True:
+            try:
+                slots = self._read_slots()  # at most once a second; nodes come and go
+            except Exception as exc:  # the cluster's head is briefly unreachable: keep the last figures
+                log.warning("cannot read the Ray cluster's resources: %s", _short(exc))
+                slots = self._slots
             with self._cond:
                 if self._stop:
                     return
                 reattach, self._reattach = self._reattach, []
                 launch = None
-                if self._queue and len(self._running) < self._read_slots():
+                if self._queue and len(self._running) < slots:
                     launch = self._queue.popleft()
                 for job_id in [*reattach, *([launch] if launch else [])]:
                     self._running[job_id] = None
