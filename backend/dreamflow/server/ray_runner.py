@@ -320,6 +320,7 @@ class RayJobs:
             kwargs.update(include_dashboard=False)  # a private instance on this machine
         else:
             kwargs["address"] = address
+            _probe(address)  # ray.init would wait minutes for an address where nothing answers
         try:
             ray.init(**kwargs)
         except Exception as exc:  # noqa: BLE001 - any failure to reach the cluster is the same message
@@ -667,6 +668,19 @@ def _resources_text(total: Mapping[str, float]) -> str:
     nodes = len([n for n in ray.nodes() if n.get("Alive")])
     return (f"{nodes} node(s), {_num(total.get('GPU', 0))} GPU, {_num(total.get('CPU', 0))} CPU, "
             f"{total.get('memory', 0) / 2 ** 30:.0f} GiB")
+
+
+def _probe(address: str, timeout: float = 10.0) -> None:
+    """Raise ConnectionError at once when nothing listens at a ``host:port`` or ``ray://host:port`` address."""
+    rest = address.removeprefix("ray://")
+    if address == "auto" or ":" not in rest:
+        return  # "auto" is found by Ray itself, from this machine's running instance
+    host, _, port = rest.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: {exc}; is its head node started "
+                              f"(ray start --head), and is this machine allowed through its firewall?") from None
 
 
 def ray_job_runner(options: RayOptions) -> Any:
