@@ -74,3 +74,21 @@ def test_an_unreachable_cluster_is_refused_at_once_by_name(tmp_path, address):
     runner = RayJobs(JobStore(tmp_path / "store"), lambda job, msg: None, RayOptions(address=address))
     with pytest.raises(ConnectionError, match=f"cannot reach the Ray cluster at {re.escape(repr(address))}"):
         runner.start()
+
+
+def test_the_kuberay_sample_runs_a_command_this_server_accepts():
+    import yaml
+
+    from dreamflow.cli import build_parser
+    from dreamflow.cli.server import _job_runner
+
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "kuberay" / "dreamflow-raycluster.yaml").read_text()))
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) == {"RayCluster", "Service", "NetworkPolicy", "PersistentVolumeClaim"}
+    head = kinds["RayCluster"]["spec"]["headGroupSpec"]
+    server = next(c for c in head["template"]["spec"]["containers"] if c["name"] == "dreamflow-server")
+    args = build_parser().parse_args(server["command"][1:])
+    assert args.ray and args.keys and _job_runner(args) is not None
+    # Clients reach the DreamFlow port and nothing else.
+    assert [p["port"] for p in kinds["Service"]["spec"]["ports"]] == [5555]
+    assert head["rayStartParams"]["include-dashboard"] == "false"

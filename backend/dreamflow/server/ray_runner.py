@@ -58,7 +58,7 @@ from dreamflow_protocol import Message, new_id, validate_message
 
 from .. import __version__
 from ..events import Cancelled, JobControl
-from .runners import Publish, run_spec
+from .runners import JobQueue, Publish, run_spec
 from .store import TERMINAL_STATES, JobRecord, JobStore, StoreError, atomic_write_bytes
 from .worker import JobSink, Worker, _free_gpu_memory, _plain
 
@@ -286,8 +286,8 @@ class _Lost(Exception):
         self.actor = actor
 
 
-class RayJobs:
-    """The server's JobRunner on a Ray cluster (see the module docstring)."""
+class RayJobs(JobQueue):
+    """The server's JobRunner on a Ray cluster (see the module docstring); waiting jobs queue in the server."""
 
     def __init__(self, store: JobStore, publish: Publish, options: RayOptions) -> None:
         options.check()
@@ -306,6 +306,7 @@ class RayJobs:
         self._free: dict[str, float] = {}
         self._job_gpus = 0.0
         self._latencies: collections.deque[float] = collections.deque(maxlen=2048)
+        self._latency_lock = threading.Lock()
         self._actor_class: Any = None
         self._dispatcher = threading.Thread(target=self._dispatch, name="dreamflow-ray-dispatch", daemon=True)
 
@@ -348,28 +349,12 @@ class RayJobs:
     def enqueue(self, job_id: str) -> int:
         """Queue a job; one that was running when the server stopped is re-attached instead."""
         job = self.store.get(job_id)
-        with self._cond:
-            if job.state.get("state") == "running" and job.state.get("ray_actor"):
+        if job.state.get("state") == "running" and job.state.get("ray_actor"):
+            with self._cond:
                 self._reattach.append(job_id)
                 self._cond.notify_all()
-                return 0
-            self._queue.append(job_id)
-            self._cond.notify_all()
-            return len(self._queue) - 1
-
-    def queued(self) -> list[str]:
-        """Jobs waiting for a free slot on the cluster, in order."""
-        with self._cond:
-            return list(self._queue)
-
-    def remove(self, job_id: str) -> bool:
-        """Take a waiting job off the queue."""
-        with self._cond:
-            try:
-                self._queue.remove(job_id)
-                return True
-            except ValueError:
-                return False
+            return 0
+        return super().enqueue(job_id)
 
     def cancel_running(self, job_id: str, reason: str) -> bool:
         """Tell a running job's actor to stop at its next step (or drop it before it starts)."""
@@ -389,7 +374,8 @@ class RayJobs:
 
     def describe(self) -> dict[str, Any]:
         """Where jobs run, how many at once, and what the relay adds to each event's latency."""
-        lat = sorted(self._latencies)
+        with self._latency_lock:  # appended to by the follower threads
+            lat = sorted(self._latencies)
         pct = (lambda q: round(1000 * lat[min(len(lat) - 1, int(q * len(lat)))], 2)) if lat else (lambda q: None)
         return {"runner": "ray", "ray_address": self.options.address, "slots": self._slots, "free": dict(self._free),
                 "job_resources": {"GPU": self._job_gpus, "CPU": self.options.job_cpus,
@@ -589,7 +575,8 @@ class RayJobs:
                 else:
                     _, event_id, kind, fields, arrays, emitted = entry
                     sink.emit(kind, fields, arrays, event_id=event_id)
-                    self._latencies.append(max(0.0, time.time() - emitted))
+                    with self._latency_lock:
+                        self._latencies.append(max(0.0, time.time() - emitted))
             cursor = batch["next"]
             if batch["end"] is not None:
                 self._finish(job, batch["end"])

@@ -15,6 +15,8 @@ Clients cannot tell them apart: the same protocol, the same store, the same even
 
 from __future__ import annotations
 
+import collections
+import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
@@ -55,6 +57,34 @@ class JobRunner(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """Plain facts for the server's status reply (where jobs run, how many at once)."""
+
+
+class JobQueue:
+    """A runner's FIFO of waiting job ids: ``self._queue``, guarded by ``self._cond`` (set up by the runner)."""
+
+    _queue: collections.deque[str]
+    _cond: threading.Condition
+
+    def enqueue(self, job_id: str) -> int:
+        """Queue a job; its position (0 = next to run)."""
+        with self._cond:
+            self._queue.append(job_id)
+            self._cond.notify_all()
+            return len(self._queue) - 1
+
+    def queued(self) -> list[str]:
+        """Job ids waiting to run, in order."""
+        with self._cond:
+            return list(self._queue)
+
+    def remove(self, job_id: str) -> bool:
+        """Take a waiting job off the queue; False if it was not waiting."""
+        with self._cond:
+            try:
+                self._queue.remove(job_id)
+                return True
+            except ValueError:
+                return False
 
 
 #: Builds a runner for a store and a publish callback (Server's ``job_runner`` argument).

@@ -21,7 +21,7 @@ from dreamflow_protocol import Message, ProtocolError, validate_message
 from dreamflow_protocol.schema import SCHEMAS, Nullable
 
 from ..events import Cancelled, JobControl
-from .runners import run_spec
+from .runners import JobQueue, run_spec
 from .store import TERMINAL_STATES, JobRecord, JobStore, StoreError
 
 log = logging.getLogger("dreamflow.server")
@@ -124,7 +124,7 @@ def _as_uint8_image(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-class Worker:
+class Worker(JobQueue):
     """One thread that runs queued jobs in order with the injected runner."""
 
     def __init__(self, store: JobStore, publish: Callable[[JobRecord, Message], None], runner: Runner | None = None) -> None:
@@ -150,27 +150,6 @@ class Worker:
         if current is not None:
             current[1].cancel("server shutting down")
         self._thread.join(timeout)
-
-    def enqueue(self, job_id: str) -> int:
-        """Queue a job; its position (0 = next to run)."""
-        with self._cond:
-            self._queue.append(job_id)
-            self._cond.notify_all()
-            return len(self._queue) - 1
-
-    def queued(self) -> list[str]:
-        """Job ids waiting to run, in order."""
-        with self._cond:
-            return list(self._queue)
-
-    def remove(self, job_id: str) -> bool:
-        """Take a waiting job off the queue; False if it was not waiting."""
-        with self._cond:
-            try:
-                self._queue.remove(job_id)
-                return True
-            except ValueError:
-                return False
 
     def cancel_running(self, job_id: str, reason: str) -> bool:
         """Tell the running job to stop at its next step; False if it is not the running one."""
