@@ -189,6 +189,31 @@ def test_a_job_that_raises_fails_by_name_and_frees_its_gpu(cluster, ray_server):
         wait_for(lambda: client.status()["free"].get("GPU") == 2.0, timeout=60)
 
 
+def test_a_killed_worker_process_is_retried_and_after_the_last_retry_the_job_fails_clearly(cluster, ray_server):
+    start, store, procs = ray_server
+    proc, endpoint = serve(store, "--log-level", "warning", "--ray", cluster.address, "--job-retries", "1",
+                           env={"PYTHONPATH": cluster.env["PYTHONPATH"]})
+    procs.append(proc)
+    client = Client(endpoint, timeout=30)
+    with client:
+        job = client.submit("unlucky", preset="smoke", seed=5, overrides=job_overrides(2000))
+        events = []
+        for attempt in (1, 2):
+            events += collect(client, job, timeout=240, stop=lambda m: m.type == "progress" and m.fields["step"] >= 3)
+            state = state_of(store, job)
+            assert state["ray_attempts"] == attempt
+            os.kill(state["ray_node"]["pid"], 9)  # the job's worker process dies (OOM killer, a crash)
+            if attempt == 1:
+                events += collect(client, job, timeout=240, stop=lambda m: m.type == "log" and "was lost" in m.fields["message"])
+                assert "retry 1 of 1" in events[-1].fields["message"]
+        events += collect(client, job, timeout=240)
+    assert_once_in_order(events)
+    end = events[-1]
+    assert end.type == "error" and "lost its worker 2 times" in end.fields["message"] and "retried 1 times" in end.fields["message"]
+    assert state_of(store, job)["state"] == "failed"
+    assert (store / "jobs" / job / "checkpoints" / "stage1.pt").is_file(), "the checkpoints were not kept"
+
+
 def test_a_restarted_server_reattaches_to_the_job_still_running_on_the_cluster(cluster, ray_server):
     start, store, procs = ray_server
     endpoint = start()

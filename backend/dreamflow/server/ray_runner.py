@@ -19,8 +19,9 @@ How a job runs (and why this shape):
   needed the front door (or a second door) reachable from every node, with its own keys; the
   object store needs nothing the cluster does not already have.
 - **Exactly once.** Each event gets its message id on the worker. The server stores it under that
-  id before it acknowledges it (the ``cursor`` of the next pull), so a pull lost in flight is
-  simply asked again, and a restarted server finds where it stopped by the ids it stored.
+  id before it acknowledges it (the ``stored`` mark of a later pull; the server already fetches
+  the next entries while it stores these), so a pull lost in flight is simply asked again, and a
+  restarted server finds where it stopped by the ids it stored.
 - **No shared file system.** Checkpoints are written on the worker's local disk; the worker
   notices each new one and sends it in the same ordered stream as the events, and the server
   writes it into the job's store (``jobs/<id>/checkpoints``). A retry, on any node, starts with
@@ -163,11 +164,12 @@ class JobActor:
         self._thread.start()
         return True
 
-    def pull(self, cursor: int, wait: float) -> dict[str, Any]:
-        """Entries from ``cursor`` on (those before it are stored: dropped here); the end once all are taken."""
+    def pull(self, cursor: int, wait: float, stored: int) -> dict[str, Any]:
+        """Entries from ``cursor`` on; the end once all are taken. Those before ``stored`` are in the server's
+        store: dropped here (``stored`` trails ``cursor`` while the server fetches ahead)."""
         with self._cond:
             self._contact = time.monotonic()
-            while self._base < cursor and self._entries:
+            while self._base < stored and self._entries:
                 self._entries.popleft()
                 self._pending_bytes -= self._sizes.popleft()
                 self._base += 1
@@ -548,11 +550,13 @@ class RayJobs(JobQueue):
     def _relay(self, job: JobRecord, sink: JobSink, actor: Any, cursor: int) -> None:
         """Store and publish the job's entries until it ends; then end its actor (freeing its GPU)."""
         unavailable_since = None
+        stored = cursor  # entries below it are in the store: the actor may drop them
+        ref = actor.pull.remote(cursor, _PULL_WAIT, stored)
         while True:
             if self._stop:
                 return  # the actor keeps running; a restarted server re-attaches to it
             try:
-                batch = ray.get(actor.pull.remote(cursor, _PULL_WAIT), timeout=60.0)
+                batch = ray.get(ref, timeout=60.0)
                 unavailable_since = None
             except GetTimeoutError:
                 continue
@@ -562,9 +566,14 @@ class RayJobs(JobQueue):
                 if time.monotonic() - unavailable_since > _UNAVAILABLE_SECONDS:
                     raise _Lost(_short(exc), actor) from None
                 time.sleep(0.5)
+                ref = actor.pull.remote(cursor, _PULL_WAIT, stored)
                 continue
             except RayActorError as exc:
                 raise _Lost(_short(exc), actor) from None
+            cursor = batch["next"]
+            if batch["end"] is None:
+                # Ask for the next entries now, so the round trip overlaps with storing these.
+                ref = actor.pull.remote(cursor, _PULL_WAIT, stored)
             for entry in batch["entries"]:
                 if entry[0] == "checkpoint":
                     _, _, name, data = entry
@@ -577,7 +586,7 @@ class RayJobs(JobQueue):
                     sink.emit(kind, fields, arrays, event_id=event_id)
                     with self._latency_lock:
                         self._latencies.append(max(0.0, time.time() - emitted))
-            cursor = batch["next"]
+            stored = cursor
             if batch["end"] is not None:
                 self._finish(job, batch["end"])
                 _kill(actor)
