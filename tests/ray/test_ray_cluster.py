@@ -247,3 +247,27 @@ def test_bad_specs_are_refused_at_the_front_door(ray_server):
                 client.submit("bad", **{"preset": "smoke", **spec})
         assert client.status()["jobs"] == 0
     assert not any((store / "jobs").iterdir())
+
+
+def test_a_restarted_server_whose_job_lost_its_worker_meanwhile_resumes_it_from_the_checkpoint(cluster, ray_server):
+    start, store, procs = ray_server
+    endpoint = start()
+    steps = 30
+    client = Client(endpoint, timeout=30, heartbeat=0.3)
+    with client:
+        job = client.submit("start again", preset="smoke", seed=6, overrides=job_overrides(steps))
+        before = collect(client, job, timeout=240, stop=lambda m: m.type == "progress" and m.fields["step"] >= 7)
+        stop(procs[-1], sig=9)
+        state = state_of(store, job)
+        os.kill(state["ray_node"]["pid"], 9)  # while no server follows it, the job's worker dies too
+        saved_stage, saved_step = state["ray_checkpoint"]
+        start(bind=endpoint)
+        after = collect(client, job, timeout=400)
+    events = before + after
+    assert_once_in_order(events)
+    assert events[-1].type == "job_done"
+    gone = next(i for i, m in enumerate(events) if m.type == "log" and "worker is gone" in m.fields["message"])
+    first_step = next(m.fields["step"] for m in events[gone:] if m.type == "progress")
+    assert saved_stage == "stage1" and first_step == saved_step + 1 > 1
+    state = state_of(store, job)
+    assert state["ray_attempts"] == 2 and state["resumes"] == 1 and state["state"] == "done"
