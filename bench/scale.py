@@ -1,7 +1,7 @@
 """Scale-out figures: jobs per hour for 1 and 2 Ray workers against the in-process server, and what
 Ray adds to each job (start-up and placement, event latency, time to the first progress event).
 
-Run: ``.venv/bin/python bench/scale.py`` (about 5 minutes on a 2-core machine). It starts a real
+Run: ``.venv/bin/python bench/scale.py`` (8 minutes on the loaded 2-core VM). It starts a real
 Ray cluster on this machine (a head node and a second node, one fake GPU each: ``ray start
 --num-gpus 1``), and the real ``dreamflow serve`` command, in-process and with ``--ray``; the jobs
 are identical real smoke jobs (stage 1 on the reference prior, checkpoints every 2 steps), all

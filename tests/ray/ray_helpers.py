@@ -97,6 +97,17 @@ class LocalCluster:
                         RAY_health_check_failure_threshold="4", RAY_gcs_rpc_server_reconnect_timeout_s="10")
 
     def _start(self, head: bool) -> Node:
+        # Ray gives a node 30 s to register with the head; on a loaded 2-core machine that is
+        # sometimes too short, and the next try usually succeeds.
+        for attempt in range(3):
+            try:
+                return self._try_start(head)
+            except AssertionError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _try_start(self, head: bool) -> Node:
         name = "head" if head else f"node{len(self.nodes)}"
         lo = next(self._worker_ports)
         args = [RAY, "start", "--block", "--num-cpus", str(self.cpus), "--num-gpus", str(self.gpus),

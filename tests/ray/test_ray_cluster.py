@@ -95,72 +95,6 @@ def assert_once_in_order(events) -> None:
     assert len({m.id for m in events}) == len(events), "an event was delivered twice"
 
 
-def test_two_jobs_run_at_once_on_two_nodes_a_third_waits_and_a_killed_node_costs_only_its_last_steps(cluster, ray_server):
-    start, store, procs = ray_server
-    endpoint = start()
-    steps = 30
-    client = Client(endpoint, timeout=30)
-    with client:
-        jobs = [client.submit(f"house {i}", preset="smoke", seed=i, overrides=job_overrides(steps, preview_every=5))
-                for i in range(3)]
-        first, second, third = jobs
-        # Two GPUs: the first two run at once, on different nodes; the third waits its turn.
-        placed = wait_for(lambda: all(state_of(store, j).get("ray_node") for j in jobs[:2]) and
-                          [state_of(store, j)["ray_node"] for j in jobs[:2]], timeout=240)
-        assert placed[0]["node_id"] != placed[1]["node_id"]
-        waiting = client.status(third)
-        assert waiting["state"] == "queued" and waiting["position"] == 0
-        server = client.status()
-        assert server["runner"] == "ray" and server["slots"] == 2 and server["queued"] == 1
-        assert sorted(server["running_jobs"]) == sorted(jobs[:2])
-
-        # The job on the second node (not the head) loses its node in the middle of stage 1.
-        victim_index = next(i for i in range(2) if cluster.nodes[1].runs(placed[i]["pid"]))
-        victim = jobs[victim_index]
-        seen = {j: [] for j in jobs}
-        while not any(m.type == "progress" and m.fields["step"] >= 7 for m in seen[victim]):
-            msg = client.next_event(timeout=60)
-            assert msg is not None, "no event from the running jobs"
-            seen[msg.job].append(msg)
-        both_ran = [j for j in jobs[:2] if any(m.type == "progress" for m in seen[j])]
-        assert len(both_ran) == 2 and not any(m.type == "job_done" for j in jobs for m in seen[j]), \
-            "the two jobs did not run at the same time"
-        cluster.nodes[1].kill()
-        cluster.nodes.pop(1)
-        cluster.add_node()  # a replacement joins; the retry may land there or on the head, once that is free
-
-        for msg in collect_all(client, jobs, timeout=600):
-            seen[msg.job].append(msg)
-        for job in jobs:
-            events = seen[job]
-            assert_once_in_order(events)
-            assert events[-1].type == "job_done", events[-1].fields
-            assert events[-1].fields["report"]["stages"]["stage1"]["steps"] == steps
-            assert any(m.type == "preview" and m.arrays["image"].shape[2] == 3 for m in events)
-
-        lost = [m for m in seen[victim] if m.type == "log" and "was lost" in m.fields["message"]]
-        assert len(lost) == 1 and "retry 1 of 2" in lost[0].fields["message"], [m.fields for m in seen[victim] if m.type == "log"]
-        saved_step = int(re.search(r"saved at stage1 step (\d+)", lost[0].fields["message"]).group(1))
-        assert 2 <= saved_step < steps
-        after = seen[victim][seen[victim].index(lost[0]):]
-        first_step = next(m.fields["step"] for m in after if m.type == "progress")
-        assert first_step == saved_step + 1, "the retry did not start from the last checkpoint the server held"
-        state = state_of(store, victim)
-        assert state["resumes"] == 1 and state["ray_lost"] == 1 and state["ray_attempts"] == 2
-        for job in jobs:
-            if job != victim:
-                assert not any(m.type == "log" and "was lost" in m.fields["message"] for m in seen[job])
-
-        # What a late client replays from the store is exactly what was delivered live.
-        replay = Client(endpoint, timeout=30)
-        with replay:
-            replay.subscribe(victim, from_seq=0)
-            again = collect(replay, victim, timeout=60)
-        assert [m.id for m in again] == [m.id for m in seen[victim]]
-        glb = client.fetch(victim, names=["model.glb"])["model.glb"]
-        assert len(trimesh.load(io.BytesIO(glb.tobytes()), file_type="glb").geometry) >= 1
-
-
 def test_cancel_reaches_a_remote_job_within_one_step_and_frees_its_gpu(cluster, ray_server):
     start, store, procs = ray_server
     client = Client(start(), timeout=30)
@@ -271,3 +205,69 @@ def test_a_restarted_server_whose_job_lost_its_worker_meanwhile_resumes_it_from_
     assert saved_stage == "stage1" and first_step == saved_step + 1 > 1
     state = state_of(store, job)
     assert state["ray_attempts"] == 2 and state["resumes"] == 1 and state["state"] == "done"
+
+
+# Last: it kills the second node.
+def test_two_jobs_run_at_once_on_two_nodes_a_third_waits_and_a_killed_node_costs_only_its_last_steps(cluster, ray_server):
+    start, store, procs = ray_server
+    endpoint = start()
+    steps = 30
+    client = Client(endpoint, timeout=30)
+    with client:
+        jobs = [client.submit(f"house {i}", preset="smoke", seed=i, overrides=job_overrides(steps, preview_every=5))
+                for i in range(3)]
+        first, second, third = jobs
+        # Two GPUs: the first two run at once, on different nodes; the third waits its turn.
+        placed = wait_for(lambda: all(state_of(store, j).get("ray_node") for j in jobs[:2]) and
+                          [state_of(store, j)["ray_node"] for j in jobs[:2]], timeout=240)
+        assert placed[0]["node_id"] != placed[1]["node_id"]
+        waiting = client.status(third)
+        assert waiting["state"] == "queued" and waiting["position"] == 0
+        server = client.status()
+        assert server["runner"] == "ray" and server["slots"] == 2 and server["queued"] == 1
+        assert sorted(server["running_jobs"]) == sorted(jobs[:2])
+
+        # The job on the second node (not the head) loses its node in the middle of stage 1.
+        victim_index = next(i for i in range(2) if cluster.nodes[1].runs(placed[i]["pid"]))
+        victim = jobs[victim_index]
+        seen = {j: [] for j in jobs}
+        while not any(m.type == "progress" and m.fields["step"] >= 7 for m in seen[victim]):
+            msg = client.next_event(timeout=60)
+            assert msg is not None, "no event from the running jobs"
+            seen[msg.job].append(msg)
+        both_ran = [j for j in jobs[:2] if any(m.type == "progress" for m in seen[j])]
+        assert len(both_ran) == 2 and not any(m.type == "job_done" for j in jobs for m in seen[j]), \
+            "the two jobs did not run at the same time"
+        cluster.nodes.pop(1).kill()  # last test of the module: the retry lands on the head once its job is done
+
+        for msg in collect_all(client, jobs, timeout=600):
+            seen[msg.job].append(msg)
+        for job in jobs:
+            events = seen[job]
+            assert_once_in_order(events)
+            assert events[-1].type == "job_done", events[-1].fields
+            assert events[-1].fields["report"]["stages"]["stage1"]["steps"] == steps
+            assert any(m.type == "preview" and m.arrays["image"].shape[2] == 3 for m in events)
+
+        lost = [m for m in seen[victim] if m.type == "log" and "was lost" in m.fields["message"]]
+        assert len(lost) == 1 and "retry 1 of 2" in lost[0].fields["message"], [m.fields for m in seen[victim] if m.type == "log"]
+        saved_step = int(re.search(r"saved at stage1 step (\d+)", lost[0].fields["message"]).group(1))
+        assert 2 <= saved_step < steps
+        after = seen[victim][seen[victim].index(lost[0]):]
+        first_step = next(m.fields["step"] for m in after if m.type == "progress")
+        assert first_step == saved_step + 1, "the retry did not start from the last checkpoint the server held"
+        state = state_of(store, victim)
+        assert state["resumes"] == 1 and state["ray_lost"] == 1 and state["ray_attempts"] == 2
+        assert state["ray_node"]["node_id"] != placed[victim_index]["node_id"], "the retry did not run elsewhere"
+        for job in jobs:
+            if job != victim:
+                assert not any(m.type == "log" and "was lost" in m.fields["message"] for m in seen[job])
+
+        # What a late client replays from the store is exactly what was delivered live.
+        replay = Client(endpoint, timeout=30)
+        with replay:
+            replay.subscribe(victim, from_seq=0)
+            again = collect(replay, victim, timeout=60)
+        assert [m.id for m in again] == [m.id for m in seen[victim]]
+        glb = client.fetch(victim, names=["model.glb"])["model.glb"]
+        assert len(trimesh.load(io.BytesIO(glb.tobytes()), file_type="glb").geometry) >= 1
