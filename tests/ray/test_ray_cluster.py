@@ -148,20 +148,29 @@ def test_a_killed_worker_process_is_retried_and_after_the_last_retry_the_job_fai
     assert (store / "jobs" / job / "checkpoints" / "stage1.pt").is_file(), "the checkpoints were not kept"
 
 
-def test_a_restarted_server_reattaches_to_the_job_still_running_on_the_cluster(cluster, ray_server):
+def across_a_server_crash(ray_server, steps: int, seed: int, crash_at: int, while_down=None) -> tuple[list, Path, str]:
+    """Run a job, SIGKILL the server at step ``crash_at``, call ``while_down(job)``, restart it at the
+    same address; (every event the client got, the store, the job)."""
     start, store, procs = ray_server
     endpoint = start()
-    steps = 40
     client = Client(endpoint, timeout=30, heartbeat=0.3)
     with client:
-        job = client.submit("keep going", preset="smoke", seed=4, overrides=job_overrides(steps))
-        before = collect(client, job, timeout=240, stop=lambda m: m.type == "progress" and m.fields["step"] >= 5)
+        job = client.submit("keep going", preset="smoke", seed=seed, overrides=job_overrides(steps))
+        before = collect(client, job, timeout=240, stop=lambda m: m.type == "progress" and m.fields["step"] >= crash_at)
         stop(procs[-1], sig=9)  # SIGKILL: no goodbye to the actor
+        if while_down is not None:
+            while_down(job)
         start(bind=endpoint)  # same address: the client reconnects and resubscribes by itself
         after = collect(client, job, timeout=400)
     events = before + after
     assert_once_in_order(events)
     assert events[-1].type == "job_done"
+    return events, store, job
+
+
+def test_a_restarted_server_reattaches_to_the_job_still_running_on_the_cluster(cluster, ray_server):
+    steps = 40
+    events, store, job = across_a_server_crash(ray_server, steps, seed=4, crash_at=5)
     logs = [m.fields["message"] for m in events if m.type == "log"]
     assert any("re-attached" in text for text in logs), logs
     assert not any("resum" in text for text in logs), logs
@@ -184,24 +193,17 @@ def test_bad_specs_are_refused_at_the_front_door(ray_server):
 
 
 def test_a_restarted_server_whose_job_lost_its_worker_meanwhile_resumes_it_from_the_checkpoint(cluster, ray_server):
-    start, store, procs = ray_server
-    endpoint = start()
-    steps = 30
-    client = Client(endpoint, timeout=30, heartbeat=0.3)
-    with client:
-        job = client.submit("start again", preset="smoke", seed=6, overrides=job_overrides(steps))
-        before = collect(client, job, timeout=240, stop=lambda m: m.type == "progress" and m.fields["step"] >= 7)
-        stop(procs[-1], sig=9)
-        state = state_of(store, job)
+    saved = {}
+
+    def kill_the_worker(job: str) -> None:
+        state = state_of(ray_server[1], job)
+        saved["at"] = state["ray_checkpoint"]
         os.kill(state["ray_node"]["pid"], 9)  # while no server follows it, the job's worker dies too
-        saved_stage, saved_step = state["ray_checkpoint"]
-        start(bind=endpoint)
-        after = collect(client, job, timeout=400)
-    events = before + after
-    assert_once_in_order(events)
-    assert events[-1].type == "job_done"
+
+    events, store, job = across_a_server_crash(ray_server, 30, seed=6, crash_at=7, while_down=kill_the_worker)
     gone = next(i for i, m in enumerate(events) if m.type == "log" and "worker is gone" in m.fields["message"])
     first_step = next(m.fields["step"] for m in events[gone:] if m.type == "progress")
+    saved_stage, saved_step = saved["at"]
     assert saved_stage == "stage1" and first_step == saved_step + 1 > 1
     state = state_of(store, job)
     assert state["ray_attempts"] == 2 and state["resumes"] == 1 and state["state"] == "done"
