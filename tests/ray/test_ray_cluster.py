@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -180,9 +181,10 @@ def test_a_restarted_server_reattaches_to_the_job_still_running_on_the_cluster(c
     assert state["ray_attempts"] == 1 and state["state"] == "done"
 
 
-def test_bad_specs_are_refused_at_the_front_door(ray_server):
+def test_bad_specs_are_refused_at_the_front_door(cluster, ray_server):
     start, store, procs = ray_server
-    client = Client(start(), timeout=30)
+    endpoint = start()
+    client = Client(endpoint, timeout=30)
     with client:
         for spec, words in (({"overrides": {"stage1.stepz": 3}}, "stepz"), ({"preset": "nosuch"}, "nosuch"),
                             ({"overrides": {"stage1.steps": "many"}}, "stage1.steps")):
@@ -190,6 +192,10 @@ def test_bad_specs_are_refused_at_the_front_door(ray_server):
                 client.submit("bad", **{"preset": "smoke", **spec})
         assert client.status()["jobs"] == 0
     assert not any((store / "jobs").iterdir())
+    # The CLI's server summary says where jobs run.
+    out = subprocess.run([sys.executable, "-m", "dreamflow", "status", "--connect", endpoint], capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ, PYTHONPATH=cluster.env["PYTHONPATH"]))
+    assert out.returncode == 0 and "running: nothing; Ray at " in out.stdout and "2 jobs at once, 2 GPU free" in out.stdout, out
 
 
 def test_a_restarted_server_whose_job_lost_its_worker_meanwhile_resumes_it_from_the_checkpoint(cluster, ray_server):

@@ -284,8 +284,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(json.dumps(client.status(args.job), indent=1, sort_keys=True))
             return 0
         server = client.status()
+        running = server.get("running_jobs") or ([server["running"]] if server.get("running") else [])
+        where = ""
+        if server.get("runner") == "ray":
+            free = server.get("free") or {}
+            where = f"; Ray at {server.get('ray_address')}: {server.get('slots')} jobs at once, {free.get('GPU', 0):g} GPU free"
         print(f"server {server['server_id'][:8]} v{server['version']}, up {_duration(server['uptime'])}, "
-              f"{server['queued']}/{server['max_queue']} queued, running: {server['running'] or 'nothing'}")
+              f"{server['queued']}/{server['max_queue']} queued, running: {', '.join(running) or 'nothing'}{where}")
         for job in client.list_jobs(limit=20):
             step = f"{job['stage']} {job['step']}/{job['total']}" if job.get("stage") else ""
             print(f"{job['job']}  {job['state']:<10} {step:<20} {job['prompt'][:60]}")
