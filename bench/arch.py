@@ -196,6 +196,7 @@ def random_init_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """
     gen = torch.Generator().manual_seed(seed)
     block = torch.rand(_RANDOM_BLOCK, generator=gen).mul_(2.0).sub_(1.0)
+    block = torch.cat([block, block])  # any window of _RANDOM_BLOCK values is a view, not a copy
     offset = 0
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -208,8 +209,7 @@ def random_init_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 bound = float(p[0].numel()) ** -0.5
                 for start in range(0, flat.numel(), _RANDOM_BLOCK):
                     n = min(_RANDOM_BLOCK, flat.numel() - start)
-                    rolled = torch.roll(block, offset)[:n]
-                    flat[start:start + n].copy_(rolled.mul(bound))
+                    flat[start:start + n].copy_(block[offset:offset + n].mul(bound))
                     offset = (offset + 7919) % _RANDOM_BLOCK
     return module
 
