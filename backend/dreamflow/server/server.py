@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import queue
 import time
 import urllib.parse
@@ -381,12 +382,12 @@ class Server:
         names = msg.fields.get("names") or list(job.state.get("files", []))
         arrays, total = {}, 0
         for name in names:
-            path = job.result_path(name)
-            size = path.stat().st_size
-            total += size
-            if size > self.limits.max_frame_bytes or total > self.limits.max_message_bytes - self.limits.max_header_bytes:
-                raise StoreError(f"result {name!r} is too large to send in one message ({size} bytes); fetch fewer files")
-            arrays[name] = np.fromfile(path, dtype=np.uint8)
+            with job.open_result(name) as fh:  # never through a link: what is served lies inside the job's out/
+                size = os.fstat(fh.fileno()).st_size
+                total += size
+                if size > self.limits.max_frame_bytes or total > self.limits.max_message_bytes - self.limits.max_header_bytes:
+                    raise StoreError(f"result {name!r} is too large to send in one message ({size} bytes); fetch fewer files")
+                arrays[name] = np.frombuffer(fh.read(), dtype=np.uint8)
         return msg.reply("result", {"files": names}, arrays)
 
     # --------------------------------------------------------------------------- sending
