@@ -8,7 +8,7 @@ so a typo or a wrong type is a clear error, never a silently ignored setting.
 Every numeric setting declares its valid range where it is defined, with :func:`setting`
 (``steps: int = setting(4000, 1, 100_000, cost="steps")``); :func:`check_ranges` checks a whole
 configuration against them, so a job is refused with the setting's name and range before it runs.
-Settings that name a file or a model declare ``path=True``: a server checks them against the
+Settings that name a model or a file declare ``path="model"`` or ``path="file"``: a server checks them against the
 folders its operator allows (:func:`path_settings`).
 """
 
@@ -49,13 +49,13 @@ class Range:
 
 
 def setting(default: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-            cost: str | None = None, path: bool = False) -> Any:
-    """A dataclass field with its valid range (numbers) or marked as naming a file or model (``path``)."""
+            cost: str | None = None, path: Literal["model", "file"] | None = None) -> Any:
+    """A dataclass field with its valid range (numbers), or marked as naming a model or a file (``path``)."""
     meta: dict[str, Any] = {}
     if lo is not None and hi is not None:
         meta["range"] = Range(lo, hi, lo_open, cost)
     if path:
-        meta["path"] = True
+        meta["path"] = path
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -100,11 +100,11 @@ def check_ranges(obj: Any, caps: Mapping[str, int] | None = None) -> None:
                                   f"(its operator caps {rng.cost} with --max-{rng.cost})")
 
 
-def path_settings(obj: Any) -> Iterator[tuple[str, str]]:
-    """(dotted name, value) of every setting that names a file or model on the machine that runs the job."""
+def path_settings(obj: Any) -> Iterator[tuple[str, str, str]]:
+    """(dotted name, "model" or "file", value) of every setting that names something on the machine that runs the job."""
     for name, f, value in _walk(obj):
         if f.metadata.get("path"):
-            yield name, value
+            yield name, f.metadata["path"], value
 
 
 def _hints(cls: type) -> dict[str, Any]:

@@ -24,10 +24,10 @@ class PriorConfig:
     """Which diffusion priors to load. Model ids are Hugging Face ids or local folders."""
 
     kind: Literal["stable-diffusion", "reference", "tiny"] = "stable-diffusion"
-    model: str = setting("stabilityai/stable-diffusion-2-1-base", path=True)        # D_p, stages 1-2
-    phi_model: str = setting("stabilityai/stable-diffusion-2-1", path=True)         # base of the LoRA D_phi (v-prediction)
-    refiner_model: str = setting("stabilityai/stable-diffusion-xl-refiner-1.0", path=True)  # stage 3, both D_p and D_phi base
-    reference: str = setting("builtin", path=True)        # reference prior: "builtin" or a mesh file
+    model: str = setting("stabilityai/stable-diffusion-2-1-base", path="model")        # D_p, stages 1-2
+    phi_model: str = setting("stabilityai/stable-diffusion-2-1", path="model")         # base of the LoRA D_phi (v-prediction)
+    refiner_model: str = setting("stabilityai/stable-diffusion-xl-refiner-1.0", path="model")  # stage 3, both D_p and D_phi base
+    reference: str = setting("builtin", path="file")        # reference prior: "builtin" or a mesh file
     reference_std: float = setting(0.05, 0.0, 10.0, lo_open=True)       # s of the reference prior's Gaussian around the reference render
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     local_files_only: bool = False

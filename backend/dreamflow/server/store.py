@@ -36,7 +36,7 @@ import msgpack
 import numpy as np
 
 from dreamflow_protocol import Message, ProtocolError, new_id
-from dreamflow_protocol.schema import EVENT_TYPES, FILE_NAME_PATTERN, MESH_ARRAYS, check_fields
+from dreamflow_protocol.schema import EVENT_TYPES, FILE_NAME_PATTERN, JOB_ID_PATTERN, MESH_ARRAYS, check_fields
 
 from ..safe_files import atomic_write, make_dirs, open_file, read_bytes
 
@@ -433,6 +433,8 @@ class JobStore:
 
     def get(self, job_id: str) -> JobRecord:
         """The job, or StoreError naming the problem."""
+        if isinstance(job_id, str) and JOB_ID_PATTERN.fullmatch(job_id) and not JOB_ID.fullmatch(job_id):
+            raise StoreError(f"unknown job {job_id}", code="unknown_job")  # a well-formed id no job of this store has
         check_job_id(job_id)
         with self._lock:
             job = self._jobs.get(job_id)
