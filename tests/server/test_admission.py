@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from server_runners import StepRunner
 
-from dreamflow.config import ConfigError, check_ranges, numeric_settings, unranged_numbers
+from dreamflow.config import ConfigError
 from dreamflow.pipeline.config import PRESETS, JobConfig, build_config
 from dreamflow_protocol import RequestError
 
@@ -77,6 +77,8 @@ def test_the_operator_caps_steps_and_resolution(make_server, make_client):
 
 
 def test_every_numeric_setting_declares_a_range_and_every_preset_lies_inside():
+    from dreamflow.config import check_ranges, unranged_numbers
+
     assert unranged_numbers(JobConfig()) == []
     for preset in PRESETS:
         for method in ("apfo", "vsd", "sds", "fsd"):
@@ -86,6 +88,8 @@ def test_every_numeric_setting_declares_a_range_and_every_preset_lies_inside():
 
 
 def test_the_addon_panel_limits_are_the_backend_ranges_and_its_spec_passes_at_both_ends():
+    from dreamflow.config import numeric_settings
+
     sys.path.insert(0, str(REPO / "blender_addon"))
     try:
         import jobspec
