@@ -67,8 +67,6 @@ _PUMP_BATCH = 16
 _PRUNE_EVERY = 600.0
 #: Messages at least this large are counted against max_queued_bytes until ZeroMQ lets go of them.
 _TRACK_BYTES = 64 * 1024
-#: Submits being checked and written at once; beyond it a submit is answered busy.
-_MAX_INTAKE = 4
 #: Dropped replies remembered per peer (answered with reply_dropped once it has room).
 _MAX_OWED = 32
 
@@ -144,8 +142,9 @@ class Server:
         self._in_flight: collections.deque[tuple[Any, int]] = collections.deque()  # (zmq tracker, bytes)
         self._owed: dict[bytes, list[tuple[str | None, str]]] = {}  # peer -> (request id, type) of dropped replies
         self._intake = ThreadPoolExecutor(1, thread_name_prefix="dreamflow-intake")
-        self._intake_busy = 0
-        self._admitted: queue.Queue[tuple[bytes, Message, Message, JobRecord | None]] = queue.Queue()
+        self._intake_busy = 0  # submits handed to the intake thread and not yet answered
+        self._intake_admitting = 0  # of those, the ones that will be queued if they pass
+        self._admitted: queue.Queue[tuple[bytes, Message, Message, bool]] = queue.Queue()
         self._stop = False
         self._started = time.time()
         self.worker = Worker(self.store, self._publish, runner)
@@ -357,19 +356,23 @@ class Server:
         return dict(self._capabilities)
 
     def _on_submit(self, sock: zmq.Socket, peer: bytes, msg: Message) -> Message | None:
-        if self._intake_busy >= _MAX_INTAKE:
-            return msg.reply("busy", {"message": f"the server is taking in {self._intake_busy} other submits; try again in a "
-                                                 f"moment", "queued": len(self.worker.queued()), "max_queue": self.max_queue})
+        if self._intake_busy >= 2 * self.max_queue + 4:  # a flood: do not hold more uploads in memory
+            return self._busy(msg, len(self.worker.queued()) + self._intake_admitting)
+        waiting = len(self.worker.queued()) + self._intake_admitting  # those being taken in will wait too
+        full = waiting >= self.max_queue  # still checked in full: a bad submit gets its error, not busy
         self._intake_busy += 1
-        self._intake.submit(self._admit, peer, msg)
+        self._intake_admitting += not full
+        self._intake.submit(self._admit, peer, msg, waiting if full else None)
         return None  # answered by _answer_admitted once the intake thread is done
 
-    def _admit(self, peer: bytes, msg: Message) -> None:
-        """Intake thread: check a submit in full and store it; the answer goes back to the socket thread."""
-        job: JobRecord | None = None
+    def _busy(self, msg: Message, waiting: int) -> Message:
+        return msg.reply("busy", {"message": f"the server's queue is full ({waiting} jobs waiting, limit {self.max_queue}); "
+                                             f"try again when a job has finished", "queued": waiting, "max_queue": self.max_queue})
+
+    def _admit(self, peer: bytes, msg: Message, full: int | None) -> None:
+        """Intake thread: check a submit in full and store it (busy if ``full``); the answer goes back to the socket thread."""
         try:
-            reply = self._admit_checked(msg)
-            job = self.store.get(str(reply.job)) if reply.type == "accepted" else None
+            reply = self._admit_checked(msg, full)
         except ProtocolError as exc:
             reply = Message("error", {"message": str(exc)[:4096], "code": exc.code[:32]}, parent=msg.id)
         except (StoreError, ConfigError) as exc:
@@ -378,10 +381,10 @@ class Server:
             log.exception("error while taking in a submit")
             reply = Message("error", {"message": f"internal error: {type(exc).__name__}: {exc}"[:4096], "code": "internal"},
                             parent=msg.id)
-        self._admitted.put((peer, msg, reply, job))
+        self._admitted.put((peer, msg, reply, full is None))
         self._bell.ring()
 
-    def _admit_checked(self, msg: Message) -> Message:
+    def _admit_checked(self, msg: Message, full: int | None) -> Message:
         from ..pipeline.config import build_config
 
         check_contents(msg)  # NaN/inf and face indices of an input mesh
@@ -394,21 +397,21 @@ class Server:
         config = build_config(spec["preset"], spec.get("overrides") or {}, prompt=spec["prompt"],
                               negative_prompt=spec.get("negative_prompt"), seed=spec.get("seed"), method=spec.get("method"))
         self.admission.check(config)  # the operator's caps and the paths a client may name
+        if full is not None:
+            return self._busy(msg, full)
         waiting = len(self.worker.queued())
-        if waiting >= self.max_queue:
-            return msg.reply("busy", {"message": f"the server's queue is full ({waiting} jobs waiting, limit {self.max_queue}); "
-                                                 f"try again when a job has finished", "queued": waiting,
-                                      "max_queue": self.max_queue})
         job = self.store.create(spec, dict(msg.arrays))  # input arrays written with fsync, here, not on the socket thread
         return msg.reply("accepted", {"position": waiting, "state": "queued"}, job=job.job_id)
 
     def _answer_admitted(self, sock: zmq.Socket) -> None:
         while True:
             try:
-                peer, msg, reply, job = self._admitted.get_nowait()
+                peer, msg, reply, admitting = self._admitted.get_nowait()
             except queue.Empty:
                 return
             self._intake_busy -= 1
+            self._intake_admitting -= admitting
+            job = self.store.get(str(reply.job)) if reply.type == "accepted" else None
             self._send_reply(sock, peer, reply, msg)
             if job is None:
                 continue
