@@ -181,6 +181,7 @@ class Server:
         self._requeue_unfinished()
         self._prune()
         self.capabilities()  # imports torch and the pipeline now, not while the first client waits
+        self._intake.submit(lambda: None).result()  # its thread starts now, not while a submit waits
         self.worker.start()
         log.info("DreamFlow server %s listening on %s (store %s, auth %s)", self.server_id[:8], self.endpoint,
                  self.store.root, "curve" if self._keys else "none")
@@ -320,6 +321,8 @@ class Server:
                 log.exception("error while handling a request")
                 self._send_error(sock, peer, f"internal error: {type(exc).__name__}: {exc}", "internal",
                                  msg.id if msg is not None else None)
+            # Let go of the frames now: a big submit's memory is then freed by the intake thread, not here.
+            del frames, msg
 
     def _handle(self, sock: zmq.Socket, peer: bytes, msg: Message) -> None:
         # REQUEST_TYPES was checked by the caller, and each request type has one _on_<type> method.
@@ -381,7 +384,10 @@ class Server:
             log.exception("error while taking in a submit")
             reply = Message("error", {"message": f"internal error: {type(exc).__name__}: {exc}"[:4096], "code": "internal"},
                             parent=msg.id)
-        self._admitted.put((peer, msg, reply, full is None))
+        # The request itself stays here: its arrays are freed on this thread, not on the socket thread.
+        request = Message(msg.type, {"subscribe": msg.fields.get("subscribe", True)}, id=msg.id)
+        del msg
+        self._admitted.put((peer, request, reply, full is None))
         self._bell.ring()
 
     def _admit_checked(self, msg: Message, full: int | None) -> Message:

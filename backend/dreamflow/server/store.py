@@ -18,6 +18,7 @@ spec.json or state.json does not have the right shape is quarantined (moved to
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -62,8 +63,13 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """Atomically write one array as .npy (no link followed)."""
-    atomic_write(path, lambda fh: np.save(fh, np.ascontiguousarray(array), allow_pickle=False))
+    """Atomically write one array as .npy (no link followed); large arrays are written in chunks without the GIL."""
+    array = np.ascontiguousarray(array)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    data = memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
+    chunk = 16 * 1024 * 1024
+    atomic_write(path, [header.getvalue(), *(data[i:i + chunk] for i in range(0, len(data), chunk))])
 
 
 def check_job_id(job_id: str) -> str:
