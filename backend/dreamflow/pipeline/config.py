@@ -29,6 +29,9 @@ class PriorConfig:
     refiner_model: str = setting("stabilityai/stable-diffusion-xl-refiner-1.0", path="model")  # stage 3, both D_p and D_phi base
     reference: str = setting("builtin", path="file")        # reference prior: "builtin" or a mesh file
     reference_std: float = setting(0.05, 0.0, 10.0, lo_open=True)       # s of the reference prior's Gaussian around the reference render
+    # The VAE of prior.model sees renders resized to this (SD's native 512 for the paper's 256 px
+    # renders); 0 keeps each render's own size.
+    encode_size: int = setting(512, 0, 4096, cost="resolution")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     local_files_only: bool = False
     lora_rank: int = setting(4, 1, 256)
