@@ -31,7 +31,7 @@ class PriorConfig:
     reference_std: float = setting(0.05, 0.0, 10.0, lo_open=True)       # s of the reference prior's Gaussian around the reference render
     # The VAE of prior.model sees renders resized to this (SD's native 512 for the paper's 256 px
     # renders); 0 keeps each render's own size.
-    encode_size: int = setting(512, 0, 4096, cost="resolution")
+    encode_size: int = setting(512, 0, 4096)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     local_files_only: bool = False
     lora_rank: int = setting(4, 1, 256)
