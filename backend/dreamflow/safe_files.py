@@ -2,10 +2,13 @@
 
 The job store and the pipeline write into folders that a client's job owns. A link planted there
 (``out/`` pointing elsewhere, ``report.json.tmp`` pointing at a file outside) must never make the
-server read or overwrite what lies outside. So: every path component below a trusted folder is
-opened with ``O_NOFOLLOW`` (a link is an error, never followed), temporary files are created
-exclusively (``O_EXCL``: a planted file or link at that name is refused, not written through),
-and the final ``rename`` replaces a link at the target rather than writing into where it points.
+server read or overwrite what lies outside. So: in the job store every path component below a
+trusted folder is opened with ``O_NOFOLLOW`` (``open_dir``/``open_file``, ``strict=True``: a link
+is an error, never followed); everywhere, temporary files get unpredictable names and are created
+exclusively (``O_EXCL``: a planted file or link is refused, not written through), a file is read
+only if it is not a link itself, and the final ``rename`` replaces a link at the target rather
+than writing into where it points. (The worker refuses to run a job whose ``out/`` or
+``checkpoints/`` is a link, so the pipeline's own writes stay inside the job.)
 
 Atomic writes: temporary file in the same folder, fsync, ``os.replace``, fsync of the folder, so
 a crash leaves the old or the new file, never a torn one.
@@ -65,23 +68,31 @@ def read_bytes(folder: str | os.PathLike, rel: str) -> bytes:
         return fh.read()
 
 
-def open_read(path: str | os.PathLike) -> BinaryIO:
-    """``path`` opened for reading; it and its folder must not be links."""
+def open_read(path: str | os.PathLike, strict: bool = False) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file, not a link (``strict``: its folder must not be one either)."""
     path = Path(path)
-    fh = os.fdopen(open_file(path.parent, path.name), "rb")
+    dfd = _parent_fd(path, strict)
+    try:
+        fd = os.open(path.name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=dfd)
+    except OSError as exc:
+        raise _refusal(exc, path) from None
+    finally:
+        os.close(dfd)
+    fh = os.fdopen(fd, "rb")
     if not _is_regular(fh.fileno()):
         fh.close()
         raise LinkRefused(f"{path} is not a regular file")
     return fh
 
 
-def atomic_write(path: str | os.PathLike, data: Chunks | Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` atomically: readers see the old or the new content; no link is written through.
+def atomic_write(path: str | os.PathLike, data: Chunks | Callable[[BinaryIO], None], strict: bool = False) -> None:
+    """Write ``path`` atomically: readers see the old or the new content; no link at the file's name is written through.
 
-    ``data`` is bytes, a list of byte chunks, or a function that writes into the open file.
+    ``data`` is bytes, a list of byte chunks, or a function that writes into the open file. With
+    ``strict`` the folder must not be a link either (the job store; a user's own output folder may be one).
     """
     path = Path(path)
-    dfd = open_dir(path.parent)
+    dfd = _parent_fd(path, strict)
     tmp = f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o644, dir_fd=dfd)
@@ -129,6 +140,15 @@ def is_link_free(folder: str | os.PathLike, *parts: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def _parent_fd(path: Path, strict: bool) -> int:
+    if strict:
+        return open_dir(path.parent)
+    try:
+        return os.open(path.parent, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
+    except OSError as exc:
+        raise _refusal(exc, path.parent) from None
 
 
 def _is_regular(fd: int) -> bool:

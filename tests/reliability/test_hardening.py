@@ -72,9 +72,11 @@ def test_links_at_temporary_and_target_names_are_never_written_through(tmp_path)
     assert (outside / "victim.txt").read_text() == "precious"
     assert not (out / "report.json").is_symlink() and (out / "report.json").read_bytes() == b"{}"
     (tmp_path / "linked").symlink_to(outside, target_is_directory=True)
-    with pytest.raises(LinkRefused):
-        atomic_write(tmp_path / "linked" / "victim.txt", b"overwritten")
+    with pytest.raises(LinkRefused):  # in the store (strict) a linked folder is refused too
+        atomic_write(tmp_path / "linked" / "victim.txt", b"overwritten", strict=True)
     assert (outside / "victim.txt").read_text() == "precious"
+    atomic_write(tmp_path / "linked" / "new.txt", b"ok")  # a user's own output folder may be a link
+    assert (outside / "new.txt").read_bytes() == b"ok"
 
 
 def test_a_checkpoint_that_is_a_link_is_not_loaded_and_not_written_through(tmp_path):

@@ -59,7 +59,7 @@ class StoreError(RuntimeError):
 
 def atomic_write_json(path: Path, data: Any) -> None:
     """Atomically write ``data`` as JSON (no link followed)."""
-    atomic_write(path, json.dumps(data, indent=1, sort_keys=True).encode())
+    atomic_write(path, json.dumps(data, indent=1, sort_keys=True).encode(), strict=True)
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -69,7 +69,7 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
     data = memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
     chunk = 16 * 1024 * 1024
-    atomic_write(path, [header.getvalue(), *(data[i:i + chunk] for i in range(0, len(data), chunk))])
+    atomic_write(path, [header.getvalue(), *(data[i:i + chunk] for i in range(0, len(data), chunk))], strict=True)
 
 
 def check_job_id(job_id: str) -> str:
@@ -202,7 +202,7 @@ class JobRecord:
                     descs.append({"name": name, "dtype": arr.dtype.name, "shape": list(arr.shape), "offset": offset})
                     chunks.append(memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b"")
                     offset += arr.nbytes
-                atomic_write(self.folder / "events" / payload_file, chunks)
+                atomic_write(self.folder / "events" / payload_file, chunks, strict=True)
             record = msgpack.packb({"seq": seq, "id": msg.id, "type": msg.type, "fields": msg.fields, "arrays": descs,
                                     "file": payload_file, "time": time.time()}, use_bin_type=True)
             fd = open_file(self.folder, "events.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
