@@ -132,8 +132,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the server until Ctrl-C or SIGTERM."""
     from dreamflow_protocol import Limits
 
+    from ..priors.hub import SERVER_MODE_ENV
     from ..server import Server, ServerConfigError
 
+    # Model names from clients are ids or allowed paths (admission.py); none may probe this machine.
+    os.environ[SERVER_MODE_ENV] = "1"
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     limits = Limits(max_frame_bytes=args.max_frame_mb * 1024 * 1024,
                     max_message_bytes=max(Limits().max_message_bytes, 2 * args.max_frame_mb * 1024 * 1024))
