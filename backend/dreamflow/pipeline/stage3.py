@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..priors.base import Prior, ScoreModel
-from .components import build_score_model, get_prior
+from .components import build_score_model, get_prior, lora_settings
 from .context import JobContext
 from .stage2 import run_colour_stage
 
@@ -69,8 +69,8 @@ def refiner_score_model(ctx: JobContext, prior: Prior) -> tuple[ScoreModel, str]
         return build_score_model(ctx, prior, method, REFINE)
     from ..priors.score_models import LoraScoreModel
 
-    cfg = ctx.config.prior
-    model = LoraScoreModel(prior, rank=cfg.lora_rank, lr=cfg.lora_lr, camera_embedding=cfg.camera_embedding,
+    lr, camera = lora_settings(ctx, method)
+    model = LoraScoreModel(prior, rank=ctx.config.prior.lora_rank, lr=lr, camera_embedding=camera,
                            seed=ctx.config.seed, adapter_name=f"dreamflow_phi_{REFINE}")
     return model, "lora"
 
