@@ -6,10 +6,11 @@ project's one loop with plain SGD, so each particle moves ``step_size`` times th
 target every step. For a fair comparison:
 
 - every method runs on the same budgets, the same starting particles and the same noise seed;
-- every method gets its own step size per budget and scenario: the one with the lowest ``mmd``
-  on a *tuning* seed (seed + 1000: other starting particles and noise, same mixture) out of
-  ``--grid``, then one run on the evaluation seed reports it (tuning and evaluation never share
-  particles or noise, so picking the best of the grid does not flatter a method);
+- every method gets its own step size per budget and scenario: the best of ``--grid`` on a
+  *tuning* seed (seed + 1000: other starting particles and noise, same mixture) by
+  ``tuning_rank`` (most prompted modes covered, then the spread ratio closest to 1), then one
+  run on the evaluation seed reports it (tuning and evaluation never share particles or noise,
+  so picking the best of the grid does not flatter a method);
 - ``D_phi`` does not presuppose the answer: the particles' empirical denoiser with a kernel of
   width ``--kernel`` (default s/10; a kernel of width s makes "every particle on a mode centre"
   the fixed point), and, in the rows marked ``/learned``, a small MLP trained from scratch on the
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -47,7 +49,7 @@ from dreamflow.pipeline.image2d import Image2DConfig, gmm_metrics, optimise_part
 from dreamflow.priors.gmm import GaussianMixturePrior
 
 BUDGETS = (50, 200, 500)
-GRID = (0.25, 0.5, 1.0, 2.0, 4.0)
+GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 TUNING_SEED_OFFSET = 1000
 #: (row label, method, t schedule, score model)
 VARIANTS = (
@@ -63,6 +65,16 @@ VARIANTS = (
     ("vsd-dreamtime/learned", "vsd", "dreamtime", "learned"),
 )
 METRICS = ("modes_covered", "mode_balance", "spread_ratio", "mmd", "fraction_near_mode")
+
+
+def tuning_rank(r: dict) -> tuple[float, float]:
+    """How a step size ranks on the tuning seed: the most prompted modes covered, then the
+    within-mode spread ratio closest to 1 (on a log scale, so that half and twice the exact
+    spread tie). The MMD is not the criterion: its kernel, narrow enough to see within-mode
+    detail, reads every set far from all samples alike, so it would rank particles 20 s off the
+    modes above particles collapsed onto them; it stays an independent check in the rows."""
+    spread = r["spread_ratio"]
+    return (-r["modes_covered"], abs(math.log(spread)) if spread > 0 else float("inf"))
 
 
 def run(seed: int = 0, dim: int = 16, modes: int = 8, particles: int = 16, std: float = 0.05,
@@ -94,7 +106,7 @@ def run(seed: int = 0, dim: int = 16, modes: int = 8, particles: int = 16, std: 
                     x, _, _ = optimise_particles(tune_cfg, prior)
                     m = gmm_metrics(prior, x, prompted, seed=tune_cfg.seed)
                     tuning.append({"step_size": eta, **{k: m[k] for k in METRICS}})
-                best = min(tuning, key=lambda r: r["mmd"] if r["mmd"] == r["mmd"] else float("inf"))
+                best = min(tuning, key=tuning_rank)
                 start = time.perf_counter()
                 x, history, mcfg = optimise_particles(replace(run_cfg, step_size=best["step_size"]), prior)
                 seconds = time.perf_counter() - start
@@ -105,7 +117,8 @@ def run(seed: int = 0, dim: int = 16, modes: int = 8, particles: int = 16, std: 
                              "final_grad_norm": history[-1].grad_norm, "seconds": seconds, "tuning": tuning})
     return {"setting": {"seed": seed, "tuning_seed": seed + TUNING_SEED_OFFSET, "shape": [3, dim, dim],
                         "modes": modes, "particles": particles, "std": std, "kernel": kernel, "phi_lr": phi_lr,
-                        "grid": list(grid), "budgets": list(budgets), "tuned_on": "mmd", "torch": torch.__version__},
+                        "grid": list(grid), "budgets": list(budgets),
+                        "tuned_on": "most modes covered, then |log spread_ratio|", "torch": torch.__version__},
             "rows": rows}
 
 

@@ -36,8 +36,10 @@ def test_bench_runs_tunes_and_writes_json(tmp_path, capsys):
             assert r["step_size"] is None and r["spread_ratio"] > 0.5
             continue
         assert r["steps"] == 8 and [t["step_size"] for t in r["tuning"]] == [0.5, 1.0]
-        # The reported step size is the tuning seed's best by mmd.
-        assert r["step_size"] == min(r["tuning"], key=lambda t: t["mmd"])["step_size"]
+        # The reported step size is the tuning seed's best: most modes, then spread nearest 1.
+        assert r["step_size"] == min(r["tuning"], key=bench.tuning_rank)["step_size"]
+        best = max(t["modes_covered"] for t in r["tuning"])
+        assert min(r["tuning"], key=bench.tuning_rank)["modes_covered"] == best
     guided = [r for r in rows if r["scenario"] == "guided"]
     assert all(r["modes"] == 2 for r in guided)
     assert {r["guidance"] for r in guided if r["method"] == "sds"} == {100.0}
