@@ -3,10 +3,12 @@ the README's table ("The baselines, stage by stage"), so the documentation and t
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from dreamflow.methods.registry import METHOD_NAMES
+from dreamflow.pipeline.components import lora_settings
 from dreamflow.pipeline.config import build_config
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -52,8 +54,8 @@ def test_method_stage_matches_readme(row):
     assert m.guidance == float(row["guidance"])
     assert m.score_model == row["D_phi"]
     if m.score_model == "lora":
-        lr = cfg.prior.lora_lr if m.lora_lr is None else m.lora_lr
-        camera = cfg.prior.camera_embedding if m.camera_embedding is None else m.camera_embedding
+        # What the stage builds its LoRA with (pipeline/components.py).
+        lr, camera = lora_settings(SimpleNamespace(config=cfg), m)
         assert lr == float(row["LoRA lr"])
         assert camera == (row["camera embedding"] == "on")
     else:
