@@ -62,7 +62,6 @@ VARIANTS = (
     ("apfo/learned", "apfo", "method", "learned"),
     ("vsd/learned", "vsd", "method", "learned"),
     ("vsd-linear/learned", "vsd", "linear", "learned"),
-    ("vsd-dreamtime/learned", "vsd", "dreamtime", "learned"),
 )
 METRICS = ("modes_covered", "mode_balance", "spread_ratio", "mmd", "fraction_near_mode")
 
@@ -160,6 +159,18 @@ def aggregate(results: list[dict]) -> tuple[list[dict], dict]:
     return mean_rows, spread
 
 
+def merge_scenarios(results: list[dict]) -> list[dict]:
+    """One result per seed: runs of the same seed with different ``--scenarios`` joined."""
+    by_seed: dict[int, dict] = {}
+    for result in results:
+        seed = result["setting"]["seed"]
+        if seed in by_seed:
+            by_seed[seed]["rows"] = by_seed[seed]["rows"] + result["rows"]
+        else:
+            by_seed[seed] = {"setting": result["setting"], "rows": list(result["rows"])}
+    return list(by_seed.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -173,12 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="comma-separated step budgets")
     p.add_argument("--grid", default=",".join(map(str, GRID)), help="comma-separated step sizes to tune over")
     p.add_argument("--methods", default="", help="comma-separated row labels to run (default: all)")
+    p.add_argument("--scenarios", default="unconditional,guided", help="comma-separated: unconditional, guided")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--aggregate", nargs="+", default=None, metavar="JSON",
                    help="print mean and spread over seeds of earlier --json results instead of running")
     args = p.parse_args(argv)
     if args.aggregate:
-        results = [json.loads(open(path).read()) for path in args.aggregate]
+        results = merge_scenarios([json.loads(open(path).read()) for path in args.aggregate])
         rows, spread = aggregate(results)
         print(f"mean ± std over {len(results)} seeds: {sorted(r['setting']['seed'] for r in results)}; "
               f"eta = median tuned step size")
@@ -193,8 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown row label(s) {', '.join(sorted(unknown))}; choose from {', '.join(v[0] for v in VARIANTS)}")
     variants = tuple(v for v in VARIANTS if not wanted or v[0] in wanted)
     start, cpu_start = time.perf_counter(), time.process_time()
+    scenarios = tuple(x.strip() for x in args.scenarios.split(",") if x.strip())
+    if not scenarios or set(scenarios) - {"unconditional", "guided"}:
+        p.error("--scenarios takes unconditional and/or guided")
     result = run(args.seed, args.dim, args.modes, args.particles, args.std, args.kernel, args.phi_lr, budgets, grid,
-                 variants)
+                 variants, scenarios)
     # CPU time is what the run costs; wall time on a shared machine also counts the others' jobs.
     result["setting"]["wall_seconds"] = time.perf_counter() - start
     result["setting"]["cpu_seconds"] = time.process_time() - cpu_start

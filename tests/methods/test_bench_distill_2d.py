@@ -20,7 +20,7 @@ def test_bench_runs_tunes_and_writes_json(tmp_path, capsys):
     assert bench.main(["--dim", "4", "--modes", "4", "--particles", "6", "--budgets", "8", "--grid", "0.5,1",
                        "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "[unconditional]" in text and "[guided]" in text and "vsd-dreamtime/learned" in text
+    assert "[unconditional]" in text and "[guided]" in text and "vsd-linear/learned" in text
     result = json.loads(out.read_text())
     setting = result["setting"]
     assert setting["kernel"] == 0.005 and setting["tuning_seed"] != setting["seed"] and setting["grid"] == [0.5, 1.0]
@@ -43,6 +43,11 @@ def test_bench_runs_tunes_and_writes_json(tmp_path, capsys):
     guided = [r for r in rows if r["scenario"] == "guided"]
     assert all(r["modes"] == 2 for r in guided)
     assert {r["guidance"] for r in guided if r["method"] == "sds"} == {100.0}
-    # Over several seeds: mean and spread.
-    assert bench.main(["--aggregate", str(out), str(out)]) == 0
-    assert "mean ± std over 2 seeds" in capsys.readouterr().out
+    # Over several seeds: mean and spread; a seed's scenarios may come from separate runs.
+    other = tmp_path / "seed1-guided.json"
+    assert bench.main(["--dim", "4", "--modes", "4", "--particles", "6", "--budgets", "8", "--grid", "1",
+                       "--methods", "apfo", "--scenarios", "guided", "--seed", "1", "--json", str(other)]) == 0
+    capsys.readouterr()
+    assert bench.main(["--aggregate", str(out), str(other)]) == 0
+    text = capsys.readouterr().out
+    assert "mean ± std over 2 seeds" in text and text.count("[guided]") == 1
