@@ -124,7 +124,7 @@ def run(seed: int = 0, dim: int = 8, modes: int = 8, particles: int = 16, std: f
 def table(rows: list[dict], spread: dict | None = None) -> str:
     """Fixed-width text tables, one per scenario; ``spread`` maps a row key to its per-metric std."""
     lines = []
-    for scenario in dict.fromkeys(r["scenario"] for r in rows):
+    for scenario in sorted(dict.fromkeys(r["scenario"] for r in rows), key=("unconditional", "guided").index):
         lines.append(f"[{scenario}]")
         lines.append(f"{'method':22} {'steps':>5} {'eta':>5} {'modes':>9} {'balance':>7} {'spread':>11} {'mmd':>15}")
         for r in rows:
