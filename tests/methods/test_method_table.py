@@ -72,3 +72,13 @@ def test_vsd_anneals_within_a_short_stage():
     """The annealing point is a fraction of the stage, so a 4000-step stage reaches it (at 800)."""
     plan = build_config("paper", method="vsd").stage1.method.schedule.plan(4000, seed=0)
     assert max(p.t for p in plan[:800]) > 0.5 and max(p.t for p in plan[800:]) <= 0.5
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_every_method_keeps_declared_ranges(method):
+    """A baseline's own settings (VSD's LoRA learning rate, the annealing point) are ranged too."""
+    from dreamflow.config import check_ranges, unranged_numbers
+
+    cfg = build_config("paper", method=method)
+    check_ranges(cfg)
+    assert unranged_numbers(cfg) == []
