@@ -69,6 +69,14 @@ def get_prior(ctx: JobContext) -> Prior:
     return prior
 
 
+def lora_settings(ctx: JobContext, method: MethodConfig) -> tuple[float, bool]:
+    """(learning rate, camera embedding on) of a stage's LoRA: the method's own, else the prior's."""
+    cfg = ctx.config.prior
+    lr = cfg.lora_lr if method.lora_lr is None else method.lora_lr
+    camera = cfg.camera_embedding if method.camera_embedding is None else method.camera_embedding
+    return float(lr), bool(camera)
+
+
 def release_diffusion_models(ctx: JobContext, keep: Prior | None = None) -> list[str]:
     """Drop the job's cached diffusion models except ``keep`` and return their memory; names of what went.
 
@@ -162,7 +170,8 @@ def build_score_model(ctx: JobContext, prior: Prior, method: MethodConfig, stage
             # The same fast path as D_p's model: this second UNet runs as often as the first.
             ctx.cache["phi_base"] = _diffusion_prior(ctx, cfg.phi_model, "phi")
         phi_base = ctx.cache["phi_base"]
-    model = LoraScoreModel(prior, phi_base=phi_base, rank=cfg.lora_rank, lr=cfg.lora_lr,
-                           camera_embedding=cfg.camera_embedding, seed=ctx.config.seed,
+    lr, camera = lora_settings(ctx, method)
+    model = LoraScoreModel(prior, phi_base=phi_base, rank=cfg.lora_rank, lr=lr,
+                           camera_embedding=camera, seed=ctx.config.seed,
                            adapter_name=f"dreamflow_phi_{stage}")
     return model, "lora"
