@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 import bpy
 import numpy as np
@@ -296,53 +296,69 @@ def _about(outcome: Outcome) -> str:
     return "connection" if outcome.unreachable else ""
 
 
-def _apply_outcome(scene: bpy.types.Scene, outcome: Outcome) -> None:
-    s = settings(scene)
+def _connected(scene: bpy.types.Scene, outcome: Outcome) -> None:
     state = run_state()
-    if outcome.kind == "connect":
-        if outcome.error and local_backend.running:
-            # A local backend still importing its libraries: heartbeats will bring the link up.
-            if state is not None:
-                state.connection = "CONNECTING"
-                state.connection_message = f"Waiting for the local backend to start (log: {local_backend.log_path})"
-        elif outcome.error:
-            if state is not None:
-                state.connection = "UNREACHABLE"
-                state.connection_message = outcome.error
-            report("ERROR", f"Cannot reach the DreamFlow backend: {outcome.error}", about="connection")
-        elif state is not None:
-            caps = outcome.value or {}
-            state.connection = "CONNECTED"
-            state.connection_message = ""
-            state.server_info = f"{caps.get('server_version', '?')} on {caps.get('device', '?')}"
+    if outcome.error and local_backend.running:
+        # A local backend still importing its libraries: heartbeats will bring the link up.
+        if state is not None:
+            state.connection = "CONNECTING"
+            state.connection_message = f"Waiting for the local backend to start (log: {local_backend.log_path})"
+    elif outcome.error:
+        if state is not None:
+            state.connection = "UNREACHABLE"
+            state.connection_message = outcome.error
+        report("ERROR", f"Cannot reach the DreamFlow backend: {outcome.error}", about="connection")
+    elif state is not None:
+        caps = outcome.value or {}
+        state.connection = "CONNECTED"
+        state.connection_message = ""
+        state.server_info = f"{caps.get('server_version', '?')} on {caps.get('device', '?')}"
+
+
+def _submitted(scene: bpy.types.Scene, outcome: Outcome) -> None:
+    s = settings(scene)
+    placeholder = s.find_job(outcome.context.get("placeholder", ""))
+    if outcome.error:
+        if placeholder is not None:
+            placeholder.state = "failed"
+        report("ERROR", f"Could not start the job: {outcome.error}", placeholder, _about(outcome))
         return
-    if outcome.kind == "submit":
-        placeholder = s.find_job(outcome.context.get("placeholder", ""))
-        if outcome.error:
-            if placeholder is not None:
-                placeholder.state = "failed"
-            report("ERROR", f"Could not start the job: {outcome.error}", placeholder, _about(outcome))
-            return
-        job = placeholder if placeholder is not None else s.jobs.add()
-        job.job_id = str(outcome.value)
-        job.state = "queued"
-        job.message = ""
-        s.active_job = list(s.jobs).index(job)
-        return
-    job = s.find_job(outcome.context.get("job", ""))
-    if outcome.kind == "cancel":
-        if outcome.error:
-            report("ERROR", f"Could not cancel the job: {outcome.error}", job, _about(outcome))
-        elif job is not None and job.state not in TERMINAL_STATES:
-            job.state = "cancelling"
-    elif outcome.kind == "subscribe":
-        if outcome.error:
-            if job is not None:
-                job.state = "detached"
-            report("ERROR", f"Could not reattach to the job: {outcome.error}", job, _about(outcome))
-        elif job is not None:
-            job.state = str((outcome.value or {}).get("state", job.state))
-            job.message = "reattached"
+    job = placeholder if placeholder is not None else s.jobs.add()
+    job.job_id = str(outcome.value)
+    job.state = "queued"
+    job.message = ""
+    s.active_job = list(s.jobs).index(job)
+
+
+def _cancel_answered(scene: bpy.types.Scene, outcome: Outcome) -> None:
+    job = settings(scene).find_job(outcome.context.get("job", ""))
+    if outcome.error:
+        report("ERROR", f"Could not cancel the job: {outcome.error}", job, _about(outcome))
+    elif job is not None and job.state not in TERMINAL_STATES:
+        job.state = "cancelling"
+
+
+def _subscribed(scene: bpy.types.Scene, outcome: Outcome) -> None:
+    job = settings(scene).find_job(outcome.context.get("job", ""))
+    if outcome.error:
+        if job is not None:
+            job.state = "detached"
+        report("ERROR", f"Could not reattach to the job: {outcome.error}", job, _about(outcome))
+    elif job is not None:
+        job.state = str((outcome.value or {}).get("state", job.state))
+        job.message = "reattached"
+
+
+#: What each kind of finished request does to the scene (main thread).
+_OUTCOME_HANDLERS: dict[str, Callable[[bpy.types.Scene, Outcome], None]] = {
+    "connect": _connected, "submit": _submitted, "cancel": _cancel_answered, "subscribe": _subscribed,
+}
+
+
+def _apply_outcome(scene: bpy.types.Scene, outcome: Outcome) -> None:
+    handler = _OUTCOME_HANDLERS.get(outcome.kind)
+    if handler is not None:
+        handler(scene, outcome)
 
 
 def _update_connection(session: Session, scene: bpy.types.Scene) -> None:
@@ -364,62 +380,88 @@ def _update_connection(session: Session, scene: bpy.types.Scene) -> None:
         state.connection_message = local_backend.exit_message()
 
 
-def _apply_event(scene: bpy.types.Scene, job: Any, msg: Any, prepared: Any = None) -> None:
-    f = msg.fields
-    if msg.type == "progress":
-        job.state = "running" if job.state not in ("cancelling",) else job.state
-        job.stage = f["stage"]
-        job.step = int(f["step"])
-        job.total = int(f["total"])
-        job.eta = -1.0 if f.get("eta") is None else float(f["eta"])
-        job.loss = 0.0 if f.get("loss") is None else float(f["loss"])
-    elif msg.type == "preview":
-        image = prepared if prepared is not None else importer.prepare_image(msg.arrays.get("image"), "preview image")
-        name = job.preview_image or f"DreamFlow preview {job.job_id[:8]}"
-        img = importer.write_image(name, image, bpy.data.images.get(name))
-        job.preview_image = img.name
-        if not bpy.app.background:
-            img.preview_ensure()
-            img.preview.reload()
-    elif msg.type == "mesh":
-        obj = importer.apply_mesh(scene, job.job_id, prepared if prepared is not None else msg.arrays,
-                                  object_name=job.object_name,
-                                  object_id=f.get("object_id") or job.object_id, stage=f["stage"], step=int(f["step"]),
-                                  final=bool(f.get("final")), custom_normals=bool(preferences().custom_normals))
-        job.object_name = obj.name
-        job.object_id = importer.ensure_object_id(obj)
-        job.stage = f["stage"]
-        if job.kind == "refine" and not job.modifiers_off:
-            # The sent mesh had the modifiers applied; the refined result must not get them twice.
-            # Turned off, not removed: the artist can switch them back on.
-            names = [m.name for m in obj.modifiers if m.show_viewport or m.show_render]
-            for m in obj.modifiers:
-                m.show_viewport = m.show_render = False
-            job.modifiers_off = True
-            if names:
-                job.message = f"modifiers {', '.join(names)} were applied before refining and are now off"
-        if f.get("final"):
-            importer.pack_job_images(obj)
-    elif msg.type == "stage_done":
-        job.message = f"{f['stage']} done" + (f" in {f['seconds']:.0f} s" if f.get("seconds") is not None else "")
-    elif msg.type == "job_done":
-        job.state = "done"
-        job.step = job.total
-        job.eta = -1.0
-        _pack_job(job)
-        job.message = "done" + (f" in {f['seconds']:.0f} s" if f.get("seconds") is not None else "")
-    elif msg.type == "cancelled":
-        job.state = "cancelled"
-        job.eta = -1.0
-        job.message = f"cancelled: {f['reason']}"
-        _pack_job(job)   # what it made so far stays, as shown
-    elif msg.type == "error":
-        job.state = "failed"
-        job.eta = -1.0
-        _pack_job(job)
-        report("ERROR", f"Job {job.job_id[:8]} failed: {f['message']}", job)
-    elif msg.type == "log" and f["level"] in ("warning", "error"):
+def _on_progress(scene: bpy.types.Scene, job: Any, f: dict, msg: Any, prepared: Any) -> None:
+    job.state = "running" if job.state not in ("cancelling",) else job.state
+    job.stage = f["stage"]
+    job.step = int(f["step"])
+    job.total = int(f["total"])
+    job.eta = -1.0 if f.get("eta") is None else float(f["eta"])
+    job.loss = 0.0 if f.get("loss") is None else float(f["loss"])
+
+
+def _on_preview(scene: bpy.types.Scene, job: Any, f: dict, msg: Any, prepared: Any) -> None:
+    image = prepared if prepared is not None else importer.prepare_image(msg.arrays.get("image"), "preview image")
+    name = job.preview_image or f"DreamFlow preview {job.job_id[:8]}"
+    img = importer.write_image(name, image, bpy.data.images.get(name))
+    job.preview_image = img.name
+    if not bpy.app.background:
+        img.preview_ensure()
+        img.preview.reload()
+
+
+def _on_mesh(scene: bpy.types.Scene, job: Any, f: dict, msg: Any, prepared: Any) -> None:
+    obj = importer.apply_mesh(scene, job.job_id, prepared if prepared is not None else msg.arrays,
+                              object_name=job.object_name,
+                              object_id=f.get("object_id") or job.object_id, stage=f["stage"], step=int(f["step"]),
+                              final=bool(f.get("final")), custom_normals=bool(preferences().custom_normals))
+    job.object_name = obj.name
+    job.object_id = importer.ensure_object_id(obj)
+    job.stage = f["stage"]
+    if job.kind == "refine" and not job.modifiers_off:
+        # The sent mesh had the modifiers applied; the refined result must not get them twice.
+        # Turned off, not removed: the artist can switch them back on.
+        names = [m.name for m in obj.modifiers if m.show_viewport or m.show_render]
+        for m in obj.modifiers:
+            m.show_viewport = m.show_render = False
+        job.modifiers_off = True
+        if names:
+            job.message = f"modifiers {', '.join(names)} were applied before refining and are now off"
+    if f.get("final"):
+        importer.pack_job_images(obj)
+
+
+def _on_stage_done(scene: bpy.types.Scene, job: Any, f: dict, msg: Any, prepared: Any) -> None:
+    job.message = f"{f['stage']} done" + (f" in {f['seconds']:.0f} s" if f.get("seconds") is not None else "")
+
+
+def _on_job_done(scene: bpy.types.Scene, job: Any, f: dict, msg: Any, prepared: Any) -> None:
+    job.state = "done"
+    job.step = job.total
+    job.eta = -1.0
+    _pack_job(job)
+    job.message = "done" + (f" in {f['seconds']:.0f} s" if f.get("seconds") is not None else "")
+
+
+def _on_cancelled(scene: bpy.types.Scene, job: Any, f: dict, msg: Any, prepared: Any) -> None:
+    job.state = "cancelled"
+    job.eta = -1.0
+    job.message = f"cancelled: {f['reason']}"
+    _pack_job(job)   # what it made so far stays, as shown
+
+
+def _on_error(scene: bpy.types.Scene, job: Any, f: dict, msg: Any, prepared: Any) -> None:
+    job.state = "failed"
+    job.eta = -1.0
+    _pack_job(job)
+    report("ERROR", f"Job {job.job_id[:8]} failed: {f['message']}", job)
+
+
+def _on_log(scene: bpy.types.Scene, job: Any, f: dict, msg: Any, prepared: Any) -> None:
+    if f["level"] in ("warning", "error"):
         job.message = f["message"]
+
+
+#: What each kind of job event does to the scene (main thread); see PROTOCOL.md for the kinds.
+_EVENT_HANDLERS: dict[str, Callable[..., None]] = {
+    "progress": _on_progress, "preview": _on_preview, "mesh": _on_mesh, "stage_done": _on_stage_done,
+    "job_done": _on_job_done, "cancelled": _on_cancelled, "error": _on_error, "log": _on_log,
+}
+
+
+def _apply_event(scene: bpy.types.Scene, job: Any, msg: Any, prepared: Any = None) -> None:
+    handler = _EVENT_HANDLERS.get(msg.type)
+    if handler is not None:
+        handler(scene, job, msg.fields, msg, prepared)
 
 
 def _pack_job(job: Any) -> None:
