@@ -136,13 +136,31 @@ def get_refiner(ctx: JobContext) -> Prior:
 
 def build_score_model(ctx: JobContext, prior: Prior, method: MethodConfig, stage: str,
                       phi_model: bool = True) -> tuple[ScoreModel, str]:
-    """D_phi for a stage and the name of what was built (reported, since "lora" may fall back).
+    """D_phi for a stage of a job and the name of what was built (reported, since "lora" may fall back).
 
-    Each stage gets its own LoRA adapter (named after the stage) on the shared UNet. With
-    ``phi_model`` the LoRA sits on ``prior.phi_model`` when that differs from the prior's model
-    (the paper's SD 2.1-v base); stage 3 passes False: its LoRA sits on the refiner itself.
+    With ``phi_model`` the LoRA sits on ``prior.phi_model`` when that differs from the prior's model
+    (the paper's SD 2.1-v base, loaded once per job); stage 3 passes False: its LoRA sits on the
+    refiner itself.
     """
     cfg = ctx.config.prior
+    phi_base = None
+    if (phi_model and method.score_model == "lora" and prior.is_latent and cfg.kind == "stable-diffusion"
+            and cfg.phi_model and cfg.phi_model != cfg.model):
+        if "phi_base" not in ctx.cache:
+            # The same fast path as D_p's model: this second UNet runs as often as the first.
+            ctx.cache["phi_base"] = _diffusion_prior(ctx, cfg.phi_model, "phi")
+        phi_base = ctx.cache["phi_base"]
+    return score_model_for(ctx.config, prior, method, stage, phi_base)
+
+
+def score_model_for(config: JobConfig, prior: Prior, method: MethodConfig, stage: str,
+                    phi_base: Prior | None = None) -> tuple[ScoreModel, str]:
+    """D_phi of ``method.score_model`` on ``prior`` (the one place a LoRA D_phi is built) and its name.
+
+    Each stage gets its own LoRA adapter (named after the stage) on the shared UNet, or on
+    ``phi_base`` when given.
+    """
+    cfg = config.prior
     kind = method.score_model
     if kind == "identity":
         return IdentityScoreModel(), "identity"
@@ -156,13 +174,7 @@ def build_score_model(ctx: JobContext, prior: Prior, method: MethodConfig, stage
         return EmpiricalScoreModel(std=cfg.reference_std), "empirical"
     from ..priors.score_models import LoraScoreModel
 
-    phi_base = None
-    if phi_model and cfg.kind == "stable-diffusion" and cfg.phi_model and cfg.phi_model != cfg.model:
-        if "phi_base" not in ctx.cache:
-            # The same fast path as D_p's model: this second UNet runs as often as the first.
-            ctx.cache["phi_base"] = _diffusion_prior(ctx, cfg.phi_model, "phi")
-        phi_base = ctx.cache["phi_base"]
     model = LoraScoreModel(prior, phi_base=phi_base, rank=cfg.lora_rank, lr=cfg.lora_lr,
-                           camera_embedding=cfg.camera_embedding, seed=ctx.config.seed,
+                           camera_embedding=cfg.camera_embedding, seed=config.seed,
                            adapter_name=f"dreamflow_phi_{stage}")
     return model, "lora"
