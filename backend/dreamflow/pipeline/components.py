@@ -25,9 +25,9 @@ def reference_renderer(config: JobConfig, device: torch.device):
     return ReferenceRenderer(mesh, colours, device=device)
 
 
-def _tiny_folder(ctx: JobContext, name: str) -> Path:
-    base = ctx.checkpoint_dir if ctx.checkpoint_dir is not None else ctx.out_dir / ".cache"
-    return base / name
+def _tiny_cache(ctx: JobContext) -> Path:
+    """Where a job keeps its tiny random models: beside its checkpoints, else in the output folder."""
+    return ctx.checkpoint_dir if ctx.checkpoint_dir is not None else ctx.out_dir / ".cache"
 
 
 def _diffusion_prior(ctx: JobContext, model: str, role: str, **kwargs) -> LatentDiffusionPrior:
@@ -58,9 +58,9 @@ def get_prior(ctx: JobContext) -> Prior:
         if not ctx.config.prompt.strip():
             raise ConfigError(f"the {cfg.kind} prior is a text-to-image model and needs a prompt; got an empty one")
         if cfg.kind == "tiny":
-            from ..priors.tiny import tiny_stable_diffusion
+            from ..priors.tiny import tiny_model_folder
 
-            folder = tiny_stable_diffusion(_tiny_folder(ctx, "tiny-stable-diffusion"), seed=ctx.config.seed)
+            folder = tiny_model_folder(_tiny_cache(ctx), "prior", seed=ctx.config.seed)
             prior = _diffusion_prior(ctx, str(folder), "prior", dtype="float32", local_files_only=True)
         else:
             # SD renders are 256 px in the paper; the VAE sees them at its native 512.
@@ -123,9 +123,9 @@ def get_refiner(ctx: JobContext) -> Prior:
         return prior
     release_diffusion_models(ctx)
     if cfg.kind == "tiny":
-        from ..priors.tiny import tiny_sdxl_refiner
+        from ..priors.tiny import tiny_model_folder
 
-        folder = tiny_sdxl_refiner(_tiny_folder(ctx, "tiny-sdxl-refiner"), seed=ctx.config.seed)
+        folder = tiny_model_folder(_tiny_cache(ctx), "refiner", seed=ctx.config.seed)
         prior = _diffusion_prior(ctx, str(folder), "refiner", dtype="float32", local_files_only=True)
     else:
         prior = _diffusion_prior(ctx, cfg.refiner_model, "refiner")
