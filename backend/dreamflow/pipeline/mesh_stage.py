@@ -16,7 +16,6 @@ import torch
 
 from ..export.mesh import MeshData, MeshError
 from ..methods.loop import Problem, Rendered, StepReport
-from ..priors.base import Prior, ScoreModel
 from ..render.raster import antialias, interpolate, rasterize, vertex_normals
 from ..scene.cameras import Cameras
 from ..scene.texture_field import TextureField
@@ -24,7 +23,7 @@ from .config import RefineStageConfig, TextureStageConfig
 from .context import JobContext
 from .handoff import InputMesh, MeshStageInput, NerfResult, Surface, SurfaceResult
 from .metrics import evaluate_mesh
-from .stage_loop import StageModels, StageRun, make_run, with_start
+from .stage_loop import StageModels, StageRun, make_run, stage_models, with_start
 
 #: Where previews look from: a three-quarter front view, as a person would first look at an object.
 PREVIEW_CAMERA = dict(azimuth_deg=30.0, elevation_deg=15.0, distance=1.3, fovy_deg=50.0)
@@ -172,11 +171,7 @@ class ColourStage:
 
     name: str
     config_attr: str
-
-    def models(self, ctx: JobContext, cfg: TextureStageConfig | RefineStageConfig,
-               models: StageModels | None) -> tuple[Prior, ScoreModel, str]:
-        """D_p, D_phi and D_phi's reported name for this stage."""
-        raise NotImplementedError
+    refiner = False   # stage 3 distils from the refiner (stage_loop.stage_models)
 
     def lr_geometry(self, cfg: TextureStageConfig | RefineStageConfig) -> float:
         """The learning rate of the per-vertex offsets (0: the surface stays exactly as it is)."""
@@ -185,7 +180,7 @@ class ColourStage:
     def build(self, ctx: JobContext, incoming: MeshStageInput | None, models: StageModels | None = None) -> StageRun:
         """The colour field on the incoming surface, the prior, D_phi and the loop."""
         cfg = getattr(ctx.config, self.config_attr)
-        prior, score_model, score_name = self.models(ctx, cfg, models)
+        prior, score_model, score_name = stage_models(ctx, self.name, cfg.method, models, refiner=self.refiner)
         surface = colour_surface(ctx, incoming)
         before = incoming_metrics(ctx, incoming)
         method_cfg = with_start(cfg.method, ctx.start_t)

@@ -21,13 +21,12 @@ from ..render.checkpointed import render_cameras_checkpointed
 from ..render.volume import OccupancyGrid, render_cameras
 from ..scene.cameras import Cameras
 from ..scene.nerf import FieldSettings, NerfField
-from .components import build_score_model, get_prior, score_model_for
 from .config import NerfStageConfig
 from .context import JobContext
 from .handoff import NerfResult
 from .memory_plan import gpu_budget_bytes, plan_ray_chunk
 from .metrics import evaluate_mesh, held_out_cameras, psnr
-from .stage_loop import StageModels, StageRun, make_run, run_stage, with_start
+from .stage_loop import StageModels, StageRun, make_run, run_stage, stage_models, with_start
 
 STAGE = "stage1"
 #: The view shown in previews: front-right, slightly from above.
@@ -152,12 +151,8 @@ class NerfStage:
         """The NeRF, the prior, D_phi and the loop at the job's stage-1 settings."""
         cfg = ctx.config.stage1
         seed = ctx.config.seed
-        prior = get_prior(ctx) if models is None else models.prior
         method_cfg = with_start(cfg.method, ctx.start_t)
-        if models is None:
-            score_model, score_name = build_score_model(ctx, prior, method_cfg, STAGE)
-        else:
-            score_model, score_name = score_model_for(ctx.config, prior, method_cfg, STAGE, models.phi_base)
+        prior, score_model, score_name = stage_models(ctx, STAGE, method_cfg, models)
         field = NerfField(field_settings(cfg), ctx.device, seed=seed)
         # Bounded memory at the paper's settings: checkpointed ray chunks when the whole render's
         # graph would not fit; None (one graph) when it does.

@@ -28,19 +28,17 @@ import torch.nn.functional as F
 
 from ..export.mesh import MeshData, MeshError
 from ..methods.loop import Problem, Rendered, StepReport
-from ..priors.base import Prior, ScoreModel
+from ..priors.base import Prior
 from ..render.raster import NORMAL_BACKGROUND, render_mesh
 from ..scene.cameras import Cameras
 from ..scene.dmtet import DMTet, laplacian_smoothness, normal_consistency
-from .components import build_score_model, get_prior, score_model_for
-from .config import TextureStageConfig
 from .context import JobContext
 from .handoff import InputMesh, NerfResult, Surface, SurfaceResult
 from .mesh_stage import (PREVIEW_CAMERA, ColourStage, camera_seed, colour_source, incoming_metrics, surface_mesh,
                          textured_mesh)
 from .metrics import evaluate_mesh
 from .stage1 import seen_colour
-from .stage_loop import StageModels, StageRun, make_run, run_stage, with_start
+from .stage_loop import StageModels, StageRun, make_run, run_stage, stage_models, with_start
 
 GEOMETRY = "geometry"
 TEXTURE = "texture"
@@ -157,12 +155,8 @@ class GeometryStage:
             raise MeshError("geometry tuning needs the stage-1 NeRF or an input mesh to start from")
         cfg = ctx.config.geometry
         before = incoming_metrics(ctx, incoming)
-        prior = geometry_prior(get_prior(ctx) if models is None else models.prior)
         method_cfg = with_start(cfg.method, ctx.start_t)
-        if models is None:
-            score_model, score_name = build_score_model(ctx, prior, method_cfg, GEOMETRY)
-        else:
-            score_model, score_name = score_model_for(ctx.config, prior, method_cfg, GEOMETRY, models.phi_base)
+        prior, score_model, score_name = stage_models(ctx, GEOMETRY, method_cfg, models, view=geometry_prior)
         cond = prior.condition(ctx.config.prompt, ctx.config.negative_prompt, method_cfg.guidance)
         dmtet = initial_dmtet(ctx, incoming, cfg.tet_resolution)
         problem = GeometryProblem(dmtet, cfg.resolution, cfg.lr, cfg.normal_consistency_weight, cfg.laplacian_weight)
@@ -205,14 +199,6 @@ class TextureStage(ColourStage):
 
     name = TEXTURE
     config_attr = "texture"
-
-    def models(self, ctx: JobContext, cfg: TextureStageConfig,
-               models: StageModels | None) -> tuple[Prior, ScoreModel, str]:
-        """The job's prior and a LoRA D_phi of its own."""
-        if models is None:
-            prior = get_prior(ctx)
-            return (prior, *build_score_model(ctx, prior, cfg.method, TEXTURE))
-        return (models.prior, *score_model_for(ctx.config, models.prior, cfg.method, TEXTURE, models.phi_base))
 
 
 GEOMETRY_STAGE = GeometryStage()

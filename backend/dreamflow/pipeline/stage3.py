@@ -12,13 +12,11 @@ resolution against the exact denoiser.
 
 from __future__ import annotations
 
-from ..priors.base import Prior, ScoreModel
-from .components import build_score_model, get_refiner, score_model_for
 from .config import RefineStageConfig
 from .context import JobContext
 from .handoff import MeshStageInput, SurfaceResult
 from .mesh_stage import ColourStage
-from .stage_loop import StageModels, run_stage
+from .stage_loop import run_stage
 
 REFINE = "refine"
 
@@ -29,14 +27,7 @@ class RefineStage(ColourStage):
 
     name = REFINE
     config_attr = "refine"
-
-    def models(self, ctx: JobContext, cfg: RefineStageConfig,
-               models: StageModels | None) -> tuple[Prior, ScoreModel, str]:
-        """The refiner as D_p; D_phi is a LoRA on the refiner's own UNet (not on SD 2.1-v)."""
-        if models is None:
-            prior = get_refiner(ctx)
-            return (prior, *build_score_model(ctx, prior, cfg.method, REFINE, phi_model=False))
-        return (models.prior, *score_model_for(ctx.config, models.prior, cfg.method, REFINE))
+    refiner = True   # D_p is the refiner; D_phi a LoRA on the refiner's own UNet (not on SD 2.1-v)
 
     def lr_geometry(self, cfg: RefineStageConfig) -> float:
         """Stage 3 may move vertices a little."""

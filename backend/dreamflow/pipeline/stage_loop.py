@@ -28,6 +28,7 @@ from ..methods.loop import Distillation, LoopConfig, Problem, StepReport
 from ..methods.registry import MethodConfig, build_method
 from ..priors.base import Conditioning, Prior, ScoreModel
 from ..scene.cameras import CameraSampler
+from .components import build_score_model, get_prior, get_refiner, score_model_for
 from .context import JobContext, ProgressTimer, StageRecord
 from .handoff import StageResult
 from .memory_plan import install_stage_fallback
@@ -56,6 +57,19 @@ class StageModels:
 
     prior: Prior
     phi_base: Prior | None = None   # D_phi's separate base UNet (the paper's SD 2.1-v), if any
+
+
+def stage_models(ctx: JobContext, stage: str, method: MethodConfig, models: StageModels | None,
+                 refiner: bool = False, view: Callable[[Prior], Prior] | None = None) -> tuple[Prior, ScoreModel, str]:
+    """D_p, D_phi and D_phi's reported name for a stage: from the job's models (components.py), or
+    on the caller's ``models``. ``refiner``: D_p is the refiner and D_phi a LoRA on its own UNet
+    (stage 3); ``view``: what the stage shows the prior instead of the prior itself (2a's normal maps)."""
+    if models is None:
+        prior = get_refiner(ctx) if refiner else get_prior(ctx)
+        prior = prior if view is None else view(prior)
+        return (prior, *build_score_model(ctx, prior, method, stage, phi_model=not refiner))
+    prior = models.prior if view is None else view(models.prior)
+    return (prior, *score_model_for(ctx.config, prior, method, stage, None if refiner else models.phi_base))
 
 
 @dataclass
