@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+
 import pytest
+import torch
 
 from bench.iteration import PAPER_ITERATIONS, PARTS, BenchSettings, _check_arch, format_table, main, run_bench
 from dreamflow.pipeline.config import build_config
