@@ -182,7 +182,7 @@ def test_the_bench_times_the_stage_objects_a_job_runs(bench_workdir, monkeypatch
     and what it gets is what that object builds for a job of the same settings: the same problem
     class, loop settings, timestep plan, method, camera ranges and D_phi kind."""
     import dreamflow.pipeline.job as job
-    from bench.iteration import bench_job, build_stage, pipeline_stage, sphere_input
+    from bench.iteration import build_stage, pipeline_stage, sphere_input
     from dreamflow.events import JobControl, NullSink
     from dreamflow.pipeline.context import JobContext
     from dreamflow.pipeline.stage_loop import StageModels
@@ -198,8 +198,9 @@ def test_the_bench_times_the_stage_objects_a_job_runs(bench_workdir, monkeypatch
         bench = build_stage(settings)
         monkeypatch.undo()
         assert calls == [obj], stage  # the job's own object built the bench's run
-        # The same object, given a job's context for the same settings, builds the same run.
-        ctx = JobContext(bench_job(settings), bench_workdir, NullSink(), JobControl(), torch.device("cpu"))
+        # The same object, given the context of a job of the same preset, builds the same run.
+        ctx = JobContext(build_config(settings.preset, settings.overrides), bench_workdir, NullSink(), JobControl(),
+                         torch.device("cpu"))
         incoming = None if stage == "1" else sphere_input(ctx.config, ctx.device)
         run = obj.build(ctx, incoming, StageModels(bench.loop.prior))
         a, b = bench.loop, run.loop
