@@ -114,6 +114,7 @@ def test_a_gated_model_says_to_accept_the_licence(monkeypatch, tmp_path):
 
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", gated)  # the first request a download makes
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
     with pytest.raises(PriorLoadError, match=r"gated.*accept its licence at https://huggingface.co/org/gated-model"):
         locate("org/gated-model", "prior")

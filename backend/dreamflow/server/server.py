@@ -38,6 +38,7 @@ from dreamflow_protocol.wake import Doorbell
 from .. import __version__
 from ..config import ConfigError
 from .store import ACTIVE_STATES, TERMINAL_STATES, JobRecord, JobStore, StoreError
+from .runners import JobRunner, JobRunnerFactory
 from .worker import Runner, Worker
 
 log = logging.getLogger("dreamflow.server")
@@ -86,7 +87,8 @@ class Server:
 
     def __init__(self, store: str | Path, bind: str = "tcp://127.0.0.1:5555", *, max_queue: int = 8,
                  runner: Runner | None = None, limits: Limits = DEFAULT_LIMITS, keys: str | Path | None = None,
-                 context: zmq.Context | None = None, keep_jobs: int | None = None, keep_days: float | None = None) -> None:
+                 context: zmq.Context | None = None, keep_jobs: int | None = None, keep_days: float | None = None,
+                 job_runner: JobRunnerFactory | None = None) -> None:
         if not is_loopback(bind) and keys is None:
             raise ServerConfigError(f"refusing to bind {bind}: it is reachable from other machines, and remote use needs "
                                     f"authentication; make keys with `dreamflow keys --out DIR` and pass --keys DIR")
@@ -110,7 +112,8 @@ class Server:
         self._subs: dict[tuple[bytes, str], _Sub] = {}
         self._stop = False
         self._started = time.time()
-        self.worker = Worker(self.store, self._publish, runner)
+        # Where jobs run (runners.py): this process's worker thread, or a cluster (``--ray``).
+        self.worker: JobRunner = job_runner(self.store, self._publish) if job_runner else Worker(self.store, self._publish, runner)
         self.endpoint: str | None = None
         self._sock: zmq.Socket | None = None
         self._capabilities: dict[str, Any] | None = None
@@ -350,10 +353,10 @@ class Server:
                 summary["position"] = queued.index(job.job_id)
             return msg.reply("status_reply", {"job_status": summary})
         jobs = self.store.all()
-        current = self.worker.current
+        running = self.worker.running()
         server = {"server_id": self.server_id, "version": __version__, "uptime": time.time() - self._started,
                   "queued": len(self.worker.queued()), "max_queue": self.max_queue,
-                  "running": current[0] if current else None, "jobs": len(jobs),
+                  "running": running[0] if running else None, "running_jobs": running, **self.worker.describe(), "jobs": len(jobs),
                   "states": {s: sum(1 for j in jobs if j.state.get("state") == s) for s in (*ACTIVE_STATES, *TERMINAL_STATES)}}
         return msg.reply("status_reply", {"server": server})
 
