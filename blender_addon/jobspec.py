@@ -19,6 +19,12 @@ STAGE_LABELS: dict[str, str] = {"stage1": "Stage 1: NeRF", "geometry": "Stage 2:
 START_STAGES: tuple[str, ...] = ("geometry", "texture", "refine")
 METHODS: tuple[str, ...] = ("apfo", "vsd", "sds", "fsd")
 PRESETS: tuple[str, ...] = ("paper", "preview", "smoke")
+#: The valid range of each stage setting the panel edits: the backend's declared ranges
+#: (``dreamflow.pipeline.config``), copied because the add-on never imports the backend; a test
+#: keeps the two equal. Everything else (extra overrides) is checked by the server, whose error
+#: names the setting and its range.
+STAGE_LIMITS: dict[str, tuple[float, float]] = {"resolution": (16, 4096), "views_per_t": (1, 64), "steps": (1, 100_000),
+                                                "t_start": (0.0, 1.0), "t_end": (0.0, 1.0)}
 
 
 @dataclass(frozen=True)

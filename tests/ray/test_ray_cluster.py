@@ -49,8 +49,8 @@ def ray_server(cluster, tmp_path):
     store = tmp_path / "store"
     procs = []
 
-    def start(bind: str = "tcp://127.0.0.1:*") -> str:
-        proc, endpoint = serve(store, "--log-level", "warning", "--ray", cluster.address, bind=bind,
+    def start(bind: str = "tcp://127.0.0.1:*", *extra: str) -> str:
+        proc, endpoint = serve(store, "--log-level", "warning", "--ray", cluster.address, *extra, bind=bind,
                                env={"PYTHONPATH": cluster.env["PYTHONPATH"]})
         procs.append(proc)
         return endpoint
@@ -112,12 +112,14 @@ def test_cancel_reaches_a_remote_job_within_one_step_and_frees_its_gpu(cluster, 
         wait_for(lambda: client.status()["free"].get("GPU") == 2.0, timeout=60)
 
 
-def test_a_job_that_raises_fails_by_name_and_frees_its_gpu(cluster, ray_server):
+def test_a_job_that_raises_fails_by_name_and_frees_its_gpu(cluster, ray_server, tmp_path):
     start, store, procs = ray_server
-    client = Client(start(), timeout=30)
+    allowed = tmp_path / "models"  # a folder the operator allows, where the named file is missing
+    allowed.mkdir()
+    client = Client(start("tcp://127.0.0.1:*", "--models-dir", str(allowed)), timeout=30)
     with client:
         job = client.submit("no such file", preset="smoke", seed=1,
-                            overrides=dict(job_overrides(4), **{"prior.reference": "/nonexistent/house.glb"}))
+                            overrides=dict(job_overrides(4), **{"prior.reference": str(allowed / "house.glb")}))
         events = collect(client, job, timeout=240)
         assert events[-1].type == "error" and "house.glb" in events[-1].fields["message"]
         assert client.status(job)["state"] == "failed"

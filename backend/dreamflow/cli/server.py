@@ -29,6 +29,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-frame-mb", type=int, default=512, help="largest array frame accepted, in MiB")
     p.add_argument("--keep-jobs", type=int, default=100, help="finished jobs kept in the store; older ones are deleted (0: all)")
     p.add_argument("--keep-days", type=float, default=30.0, help="days a finished job is kept (0: no age limit)")
+    p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
+                   help="a folder whose models and files jobs may name by path (repeatable); otherwise jobs may name "
+                        "only model ids and the models shipped with DreamFlow")
+    p.add_argument("--max-steps", type=int, default=None, help="refuse jobs with more optimisation steps per stage than this")
+    p.add_argument("--max-resolution", type=int, default=None,
+                   help="refuse jobs with a larger render, mesh, grid or texture resolution than this")
+    p.add_argument("--max-queued-mb", type=int, default=512,
+                   help="bound on bytes waiting to be sent to slow clients, all clients together, in MiB")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     g = p.add_argument_group("scaling out on a Ray cluster (pip install dreamflow[ray]; README \"Scaling out\")")
     g.add_argument("--ray", default=None, metavar="ADDRESS",
@@ -97,25 +105,46 @@ def _with_client(args: argparse.Namespace, body: Callable[[Any], int]) -> int:
     try:
         client.connect()
         return body(client)
-    except (ConnectionTimeout, RequestError, ProtocolError, OSError) as exc:
+    except ConnectionTimeout as exc:
+        print(f"error: {exc}{_keys_hint(args)}", file=sys.stderr)
+        return 1
+    except (RequestError, ProtocolError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
         client.close()
 
 
+def _keys_hint(args: argparse.Namespace) -> str:
+    """Why a server may not have answered: one that needs keys ignores a client without them."""
+    from ..server import is_loopback
+
+    if args.keys:
+        return (f"; if a server runs there, check that --keys {args.keys} holds its server.key and a client key it "
+                f"authorises (a server silently ignores clients whose keys it does not accept)")
+    if not is_loopback(args.connect):
+        return (f"; {args.connect} is not on this machine, and a remote server needs CURVE keys: pass --keys DIR "
+                f"(server.key, client.key and client.key_secret from `dreamflow keys` on the server)")
+    return "; if the server was started with --keys, pass --keys DIR too"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the server until Ctrl-C or SIGTERM."""
     from dreamflow_protocol import Limits
 
+    from ..priors.hub import SERVER_MODE_ENV
     from ..server import Server, ServerConfigError
 
+    # Model names from clients are ids or allowed paths (admission.py); none may probe this machine.
+    os.environ[SERVER_MODE_ENV] = "1"
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     limits = Limits(max_frame_bytes=args.max_frame_mb * 1024 * 1024,
                     max_message_bytes=max(Limits().max_message_bytes, 2 * args.max_frame_mb * 1024 * 1024))
     try:
         server = Server(args.store, args.bind, max_queue=args.max_queue, limits=limits, keys=args.keys,
-                        keep_jobs=args.keep_jobs or None, keep_days=args.keep_days or None, job_runner=_job_runner(args))
+                        keep_jobs=args.keep_jobs or None, keep_days=args.keep_days or None, models_dirs=args.models_dir,
+                        max_steps=args.max_steps, max_resolution=args.max_resolution,
+                        max_queued_bytes=args.max_queued_mb * 1024 * 1024, job_runner=_job_runner(args))
         endpoint = server.open()
     except (ServerConfigError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

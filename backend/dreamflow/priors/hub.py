@@ -99,9 +99,20 @@ def variant_for_dtype(dtype_name: str) -> str | None:
     return "fp16" if dtype_name in ("float16", "bfloat16") else None
 
 
+#: Set (to "1") by ``dreamflow serve``: a name shaped like a Hugging Face id is then always one, never
+#: a folder relative to the server's working directory, and errors do not show the server's paths,
+#: so that what a client names cannot tell it what exists on the server.
+SERVER_MODE_ENV = "DREAMFLOW_SERVER_MODEL_NAMES"
+
+
+def _server_mode() -> bool:
+    return os.environ.get(SERVER_MODE_ENV) == "1"
+
+
 def is_hub_id(model: str) -> bool:
-    """Whether ``model`` reads as a Hugging Face id (and is not an existing local path)."""
-    return not Path(model).expanduser().exists() and bool(_HUB_ID.match(model)) and not model.startswith(".")
+    """Whether ``model`` reads as a Hugging Face id (and, outside a server, is not an existing local path)."""
+    shaped = bool(_HUB_ID.match(model)) and not model.startswith(".")
+    return shaped if _server_mode() else shaped and not Path(model).expanduser().exists()
 
 
 def hub_cache_dir() -> Path:
@@ -271,7 +282,8 @@ def locate(model: str, role: str, variant: str | None = None, local_files_only: 
             if offline or not download:
                 raise
     elif offline or not download:
-        raise _error(model, role, None, f"is not in the Hugging Face cache ({hub_cache_dir()})"
+        where = "" if _server_mode() else f" ({hub_cache_dir()})"
+        raise _error(model, role, None, f"is not in the Hugging Face cache{where}"
                      + (" and the network is off (HF_HUB_OFFLINE / local files only)" if offline else ""),
                      _fix_hint(model, role))
     return _download(model, role, variant, revision)

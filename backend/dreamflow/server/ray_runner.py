@@ -60,7 +60,8 @@ from dreamflow_protocol import Message, new_id, validate_message
 from .. import __version__
 from ..events import Cancelled, JobControl
 from .runners import JobQueue, Publish, run_spec
-from .store import TERMINAL_STATES, JobRecord, JobStore, StoreError, atomic_write_bytes
+from ..safe_files import atomic_write, is_link_free, make_dirs
+from .store import TERMINAL_STATES, JobRecord, JobStore, StoreError
 from .worker import JobSink, Worker, _free_gpu_memory, _plain
 
 log = logging.getLogger("dreamflow.server")
@@ -578,7 +579,7 @@ class RayJobs(JobQueue):
                 if entry[0] == "checkpoint":
                     _, _, name, data = entry
                     if _CHECKPOINT_NAME.fullmatch(name):
-                        atomic_write_bytes(job.checkpoint_dir / name, [memoryview(data)])
+                        atomic_write(job.checkpoint_dir / name, [memoryview(data)], strict=True)
                         # The pipeline checkpoints right after a step's progress event: that step.
                         job.save_state(ray_checkpoint=[job.state.get("stage"), job.state.get("step")])
                 else:
@@ -594,13 +595,16 @@ class RayJobs(JobQueue):
 
     def _finish(self, job: JobRecord, end: dict[str, Any]) -> None:
         if end["state"] == "done":
-            root = job.out_dir.resolve()
+            # No link inside the store is followed (safe_files): the out folder and every part of a name.
+            if not is_link_free(job.folder, "out"):
+                raise StoreError("the job's out folder is a symbolic link or missing; refusing to write through it")
             for rel, data in end["blobs"].items():
-                path = (root / rel).resolve()
-                if root not in path.parents:
+                parts = Path(rel).parts
+                if Path(rel).is_absolute() or not parts or any(p in ("..", ".") for p in parts):
                     raise StoreError(f"the worker reported a result file {rel!r} outside the job's out folder")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(path, [memoryview(data)])
+                if len(parts) > 1:
+                    make_dirs(job.out_dir, *parts[:-1])
+                atomic_write(job.out_dir / rel, [memoryview(data)], strict=True)
             files = Worker._result_files(job, end["files"])
             job.save_state(files=files)
             fields = {"files": files, "seconds": end["seconds"], "report": end["report"]}

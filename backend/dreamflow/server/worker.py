@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
@@ -21,6 +22,7 @@ from dreamflow_protocol import Message, ProtocolError, validate_message
 from dreamflow_protocol.schema import SCHEMAS, Nullable
 
 from ..events import Cancelled, JobControl
+from ..safe_files import is_link_free
 from .runners import JobQueue, run_spec
 from .store import TERMINAL_STATES, JobRecord, JobStore, StoreError
 
@@ -206,6 +208,9 @@ class Worker(JobQueue):
         spec = job.spec
         start = time.perf_counter()
         try:
+            for sub in ("out", "checkpoints"):
+                if not is_link_free(job.folder, sub):  # the pipeline would write through it
+                    raise StoreError(f"the job's {sub} folder is a symbolic link or missing; refusing to write through it")
             result = run_spec(spec, job.input_mesh(), job.out_dir, sink, control, job.checkpoint_dir, self.runner)
             files = self._result_files(job, getattr(result, "files", {}) or {})
             report = getattr(result, "report", None) or {}
@@ -236,13 +241,16 @@ class Worker(JobQueue):
 
     @staticmethod
     def _result_files(job: JobRecord, files: Mapping[str, str]) -> list[str]:
-        root = job.out_dir.resolve()
         names = []
         for rel in files.values():
-            path = (root / str(rel)).resolve()
-            if root not in path.parents or not path.is_file():
-                raise StoreError(f"the pipeline reported a result file {rel!r} that is not a file inside the job's out folder")
-            names.append(path.relative_to(root).as_posix())
+            rel = Path(str(rel)).as_posix()
+            try:
+                with job.open_result_unlisted(rel):
+                    pass
+            except StoreError:
+                raise StoreError(f"the pipeline reported a result file {rel!r} that is not a file inside the job's out "
+                                 f"folder") from None
+            names.append(rel)
         return sorted(set(names))
 
 
