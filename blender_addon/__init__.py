@@ -13,7 +13,7 @@ from __future__ import annotations
 import bpy
 from bpy.app.handlers import persistent
 
-from . import live, operators, properties, ui
+from . import importer, live, operators, properties, ui
 
 _CLASSES = (*properties.CLASSES, properties.DreamFlowPreferences, *operators.CLASSES, *ui.CLASSES)
 
@@ -25,6 +25,15 @@ def _on_file_loaded(_filepath: str) -> None:
     live.detach_unfinished_jobs("reopened: press Reattach to follow this job again")
 
 
+@persistent
+def _before_save(_filepath: str) -> None:
+    """A packed image is saved from its packed data: repack job images whose pixels changed since."""
+    try:
+        importer.pack_all_job_images()
+    except Exception as exc:  # a failing handler must not stop the artist's save
+        print(f"DreamFlow: could not pack the job textures before saving: {exc}")
+
+
 def register() -> None:
     """Register classes, attach settings to Scene and WindowManager, start the update timer."""
     for cls in _CLASSES:
@@ -34,6 +43,7 @@ def register() -> None:
     if not bpy.app.timers.is_registered(live.timer):
         bpy.app.timers.register(live.timer, first_interval=0.5, persistent=True)
     bpy.app.handlers.load_post.append(_on_file_loaded)
+    bpy.app.handlers.save_pre.append(_before_save)
 
 
 def unregister() -> None:
@@ -42,6 +52,8 @@ def unregister() -> None:
         bpy.app.timers.unregister(live.timer)
     if _on_file_loaded in bpy.app.handlers.load_post:
         bpy.app.handlers.load_post.remove(_on_file_loaded)
+    if _before_save in bpy.app.handlers.save_pre:
+        bpy.app.handlers.save_pre.remove(_before_save)
     live.close_session()
     live.local_backend.stop()
     del bpy.types.WindowManager.dreamflow

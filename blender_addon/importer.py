@@ -4,8 +4,9 @@ Everything here runs on Blender's main thread (it touches ``bpy``). A received m
 Mesh datablock, built fully from numpy arrays with ``foreach_set`` and validated before it is
 swapped into the job's Object; only then is the old datablock removed. A failure at any point
 removes the half-built datablock and leaves the scene as it was, so an artist never sees a broken
-mesh. The texture image is one datablock per job, overwritten while the job previews and packed
-into the .blend when the job is done.
+mesh. The texture image is one datablock per job, overwritten while the job previews, packed into
+the .blend at each stage's final mesh and at the job's end, and packed again before every save
+when its pixels changed since: a saved file holds the texture shown.
 
 The numpy half of an import (checks, edges, per-corner UVs, pixel conversion) lives in
 ``meshprep.py`` and normally runs on the session's preparation thread; what is here only copies
@@ -209,14 +210,26 @@ def apply_mesh(scene: bpy.types.Scene, job_id: str, arrays: Mapping[str, Any] | 
 
 
 def pack_job_images(obj: bpy.types.Object) -> int:
-    """Pack the object's material images into the .blend (the job is done); return how many."""
+    """Pack the object's material images into the .blend as they are now; return how many were (re)packed.
+
+    An image packed earlier whose pixels changed since (a later stage, a refinement) is dirty and
+    is packed again from its pixels: a packed image is saved from its packed data, never from
+    what is shown. A clean packed image is left alone (packing it again would reload it from a
+    file it does not have).
+    """
     packed = 0
     for mat in getattr(obj.data, "materials", []):
         node = material_image_node(mat)
-        if node is not None and node.image is not None and node.image.packed_file is None:
-            node.image.pack()
+        image = node.image if node is not None else None
+        if image is not None and (image.packed_file is None or image.is_dirty):
+            image.pack()
             packed += 1
     return packed
+
+
+def pack_all_job_images() -> int:
+    """(Re)pack the images of every object a DreamFlow job made or updated; how many were packed."""
+    return sum(pack_job_images(obj) for obj in bpy.data.objects if obj.get(JOB_KEY) and obj.type == "MESH")
 
 
 def extract_refine_input(obj: bpy.types.Object, depsgraph: bpy.types.Depsgraph) -> dict[str, np.ndarray]:

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+# The one rule of what stays on this machine, shared with the server (bundled in the protocol wheel).
+from dreamflow_protocol.endpoints import is_local_endpoint  # noqa: F401  (used as jobspec.is_local_endpoint)
+
 #: Pipeline stages in order, as the job spec names them.
 STAGES: tuple[str, ...] = ("stage1", "geometry", "texture", "refine")
 STAGE_LABELS: dict[str, str] = {"stage1": "Stage 1: NeRF", "geometry": "Stage 2: geometry",
@@ -102,20 +105,6 @@ def submit_arguments(prompt: str, negative_prompt: str, seed: int, method: str, 
     overrides.update(parse_extra_overrides(extra_overrides))
     return {"prompt": prompt.strip(), "negative_prompt": negative_prompt.strip() or None, "seed": int(seed),
             "method": method, "preset": preset, "overrides": overrides}
-
-
-LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
-
-
-def is_local_endpoint(endpoint: str) -> bool:
-    """True for loopback TCP addresses and ipc/inproc endpoints (no network access needed)."""
-    scheme, _, rest = endpoint.partition("://")
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    host = urlparse(f"tcp://{rest}").hostname or ""
-    return host in LOCAL_HOSTS or host.startswith("127.")
 
 
 def check_endpoint(endpoint: str) -> str:

@@ -28,6 +28,10 @@ _session: Session | None = None
 _session_key: tuple | None = None
 _held: list[tuple[float, Any]] = []   # events of jobs this file does not know yet (submit still returning)
 HOLD_SECONDS = 30.0
+#: Seconds the panel shows an error that is not about the connection (the console, Blender's Info
+#: log and the job's own row keep it); a connection error stays until the connection is back.
+ERROR_SHOW_SECONDS = 120.0
+_CLOCK_ZERO = time.monotonic()   # errors are timed from here (a FloatProperty holds float32)
 local_backend = LocalBackend()
 
 
@@ -66,12 +70,17 @@ def settings(scene: bpy.types.Scene) -> Any:
 # ------------------------------------------------------------------------------ reporting
 
 
-def report(level: str, message: str, job: Any = None) -> None:
-    """Show ``message`` in the panel, in Blender's report area (UI only) and on the console."""
+def report(level: str, message: str, job: Any = None, about: str = "") -> None:
+    """Show ``message`` in the panel, in Blender's report area (UI only) and on the console.
+
+    ``about="connection"`` marks an error that lasts as long as the backend is unreachable.
+    """
     print(f"DreamFlow {level.lower()}: {message}")
     state = run_state()
     if level == "ERROR" and state is not None:
         state.last_error = message
+        state.last_error_about = about
+        state.last_error_at = time.monotonic() - _CLOCK_ZERO
     if job is not None:
         job.message = message
     if bpy.app.background:
@@ -82,6 +91,30 @@ def report(level: str, message: str, job: Any = None) -> None:
         pass  # an ERROR report also comes back as an exception here; it was still reported
     if level == "ERROR":
         _popup(message)
+
+
+def clear_error() -> None:
+    """Take the last error off the panel."""
+    state = run_state()
+    if state is not None:
+        state.last_error = state.last_error_about = ""
+
+
+def clear_passed_error(now: float | None = None) -> None:
+    """Clear the panel's last error once what it describes has passed.
+
+    A connection error goes as soon as the connection is healthy again (and stays while it is
+    not); any other error goes after ``ERROR_SHOW_SECONDS``. ``now``: seconds on this module's clock.
+    """
+    state = run_state()
+    if state is None or not state.last_error:
+        return
+    now = time.monotonic() - _CLOCK_ZERO if now is None else now
+    if state.last_error_about == "connection":
+        if state.connection == "CONNECTED":
+            clear_error()
+    elif now - state.last_error_at > ERROR_SHOW_SECONDS:
+        clear_error()
 
 
 def _popup(message: str) -> None:
@@ -206,6 +239,7 @@ def drain_and_apply(scene: bpy.types.Scene | None = None, max_messages: int = 32
         for outcome in session.poll_outcomes():
             _apply_outcome(scene, outcome)
         _update_connection(session, scene)
+        clear_passed_error()
         for problem in session.new_malformed():
             report("ERROR", f"The backend sent a malformed message, ignored: {problem}")
         return _apply_events(scene, session, max_messages, time_budget_s)
@@ -257,6 +291,11 @@ def _apply_events(scene: bpy.types.Scene, session: Session, max_messages: int, t
     return applied
 
 
+def _about(outcome: Outcome) -> str:
+    """What a failed request's error is about: the connection when no backend answered."""
+    return "connection" if outcome.unreachable else ""
+
+
 def _apply_outcome(scene: bpy.types.Scene, outcome: Outcome) -> None:
     s = settings(scene)
     state = run_state()
@@ -270,7 +309,7 @@ def _apply_outcome(scene: bpy.types.Scene, outcome: Outcome) -> None:
             if state is not None:
                 state.connection = "UNREACHABLE"
                 state.connection_message = outcome.error
-            report("ERROR", f"Cannot reach the DreamFlow backend: {outcome.error}")
+            report("ERROR", f"Cannot reach the DreamFlow backend: {outcome.error}", about="connection")
         elif state is not None:
             caps = outcome.value or {}
             state.connection = "CONNECTED"
@@ -282,7 +321,7 @@ def _apply_outcome(scene: bpy.types.Scene, outcome: Outcome) -> None:
         if outcome.error:
             if placeholder is not None:
                 placeholder.state = "failed"
-            report("ERROR", f"Could not start the job: {outcome.error}", placeholder)
+            report("ERROR", f"Could not start the job: {outcome.error}", placeholder, _about(outcome))
             return
         job = placeholder if placeholder is not None else s.jobs.add()
         job.job_id = str(outcome.value)
@@ -293,14 +332,14 @@ def _apply_outcome(scene: bpy.types.Scene, outcome: Outcome) -> None:
     job = s.find_job(outcome.context.get("job", ""))
     if outcome.kind == "cancel":
         if outcome.error:
-            report("ERROR", f"Could not cancel the job: {outcome.error}", job)
+            report("ERROR", f"Could not cancel the job: {outcome.error}", job, _about(outcome))
         elif job is not None and job.state not in TERMINAL_STATES:
             job.state = "cancelling"
     elif outcome.kind == "subscribe":
         if outcome.error:
             if job is not None:
                 job.state = "detached"
-            report("ERROR", f"Could not reattach to the job: {outcome.error}", job)
+            report("ERROR", f"Could not reattach to the job: {outcome.error}", job, _about(outcome))
         elif job is not None:
             job.state = str((outcome.value or {}).get("state", job.state))
             job.message = "reattached"
@@ -367,20 +406,27 @@ def _apply_event(scene: bpy.types.Scene, job: Any, msg: Any, prepared: Any = Non
         job.state = "done"
         job.step = job.total
         job.eta = -1.0
-        obj = importer.find_object_by_id(job.object_id) or bpy.data.objects.get(job.object_name)
-        if obj is not None:
-            importer.pack_job_images(obj)
+        _pack_job(job)
         job.message = "done" + (f" in {f['seconds']:.0f} s" if f.get("seconds") is not None else "")
     elif msg.type == "cancelled":
         job.state = "cancelled"
         job.eta = -1.0
         job.message = f"cancelled: {f['reason']}"
+        _pack_job(job)   # what it made so far stays, as shown
     elif msg.type == "error":
         job.state = "failed"
         job.eta = -1.0
+        _pack_job(job)
         report("ERROR", f"Job {job.job_id[:8]} failed: {f['message']}", job)
     elif msg.type == "log" and f["level"] in ("warning", "error"):
         job.message = f["message"]
+
+
+def _pack_job(job: Any) -> None:
+    """Pack the job's object's textures as they are shown now (a job that ended)."""
+    obj = importer.find_object_by_id(job.object_id) or bpy.data.objects.get(job.object_name)
+    if obj is not None:
+        importer.pack_job_images(obj)
 
 
 def job_for_object(scene: bpy.types.Scene, obj: bpy.types.Object) -> Any:
@@ -404,6 +450,7 @@ def timer() -> float:
     """``bpy.app.timers`` callback: drain, redraw, and come back soon while anything is running."""
     try:
         if _session is None:
+            clear_passed_error()
             return 0.5
         applied = drain_and_apply(bpy.context.scene)
         redraw_panels()

@@ -35,6 +35,7 @@ def _new_job(scene: bpy.types.Scene, kind: str, prompt: str, object_name: str = 
     job.object_id = object_id
     job.state = "submitting"
     s.active_job = len(s.jobs) - 1
+    live.clear_error()   # the artist moved on: an earlier error is no longer the news
     return job.job_id
 
 

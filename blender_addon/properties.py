@@ -138,6 +138,10 @@ class DREAMFLOW_PG_run(bpy.types.PropertyGroup):
     connection_message: StringProperty(name="Connection message")
     server_info: StringProperty(name="Server")
     last_error: StringProperty(name="Last error")
+    # What the last error is about ("connection" or "") and when it came (seconds on live.py's clock):
+    # live.clear_passed_error takes it away once that has passed.
+    last_error_about: StringProperty(name="Last error is about")
+    last_error_at: FloatProperty(name="Last error at")
 
 
 CLASSES = (*STAGE_GROUPS.values(), DREAMFLOW_PG_job, DREAMFLOW_PG_settings, DREAMFLOW_PG_run)

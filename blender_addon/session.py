@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from dreamflow_protocol import Client, CurveKeys, Message
+from dreamflow_protocol import Client, ConnectionTimeout, CurveKeys, Message
 
 from .meshprep import PreparedImage, PreparedMesh, prepare_image, prepare_mesh
 
@@ -37,6 +37,7 @@ class Outcome:
     value: Any = None
     error: str = ""
     context: dict[str, Any] = field(default_factory=dict)
+    unreachable: bool = False      # it failed because no backend answered (passes once one does)
 
 
 @dataclass
@@ -120,7 +121,7 @@ class Session:
             try:
                 outcome = Outcome(kind, fn(), "", context)
             except Exception as exc:  # every failure becomes a message for the panel
-                outcome = Outcome(kind, None, describe_error(exc), context)
+                outcome = Outcome(kind, None, describe_error(exc), context, isinstance(exc, ConnectionTimeout))
             if kind == "connect":
                 self.connect_error = outcome.error
                 if not outcome.error:

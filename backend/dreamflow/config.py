@@ -92,6 +92,8 @@ def check_ranges(obj: Any, caps: Mapping[str, int] | None = None) -> None:
     caps = caps or {}
     for name, rng, value in numeric_settings(obj):
         for v in value if isinstance(value, (tuple, list)) else (value,):
+            if v is None:  # an optional setting left to its default source (e.g. a stage's lora_lr)
+                continue
             if not rng.contains(v):
                 raise ConfigError(f"{name} = {v!r} is outside its valid range {rng}")
             cap = caps.get(rng.cost) if rng.cost else None

@@ -7,6 +7,7 @@ See :mod:`.schema` for every message type and its fields, :mod:`.codec` for the 
 
 from .client import Client, ConnectionTimeout, CurveKeys, RequestError, ServerBusy
 from .codec import DEFAULT_LIMITS, Limits, Message, decode, encode, is_event, new_id, validate_message
+from .endpoints import is_local_endpoint
 from .schema import (EVENT_TYPES, JOB_STATES, METHODS, PROTOCOL_VERSION, REQUEST_TYPES, SCHEMAS, STAGES, START_STAGES,
                      TERMINAL_TYPES, ProtocolError)
 
@@ -16,5 +17,5 @@ __all__ = [
     "Client", "ConnectionTimeout", "CurveKeys", "RequestError", "ServerBusy", "DEFAULT_LIMITS", "Limits", "Message",
     "decode", "encode", "is_event", "new_id", "validate_message", "EVENT_TYPES", "JOB_STATES", "METHODS",
     "PROTOCOL_VERSION", "REQUEST_TYPES", "SCHEMAS", "STAGES", "START_STAGES", "TERMINAL_TYPES", "ProtocolError",
-    "__version__",
+    "is_local_endpoint", "__version__",
 ]

@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 REPO_MODULE = "dreamflow_test"
 ADDON_MODULE = f"bl_ext.{REPO_MODULE}.dreamflow"
 REPO_DIR = os.path.join(USER_DIR, "dreamflow_test_repo")
-PYTHON = sys.executable
+#: The Python of the backend (server, CLI, add-on builder): this one, or the main .venv's when the
+#: Blender under test is another version's bpy wheel in its own environment (scripts/blender_versions.py).
+PYTHON = os.environ.get("DREAMFLOW_BACKEND_PYTHON") or sys.executable
 
 
 def free_port() -> int:
@@ -43,11 +45,12 @@ def add_repo() -> None:
 class ServerProcess:
     """A scripted DreamFlow server in a child process (real Server, scripted pipeline)."""
 
-    def __init__(self, store: Path, port: int | None = None, step_seconds: float = 0.05) -> None:
+    def __init__(self, store: Path, port: int | None = None, step_seconds: float = 0.05, later_meshes: int = 0) -> None:
         self.port = port or free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.store = store
         self.step_seconds = step_seconds
+        self.later_meshes = later_meshes
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "ServerProcess":
@@ -58,7 +61,7 @@ class ServerProcess:
         log = open(self.store.with_name(self.store.name + f"-{self.port}.log"), "ab")
         script = str(Path(__file__).with_name("scripted_server.py"))
         self.proc = subprocess.Popen([PYTHON, script, "--bind", self.endpoint, "--store", str(self.store),
-                                      "--step-seconds", str(self.step_seconds)],
+                                      "--step-seconds", str(self.step_seconds), "--later-meshes", str(self.later_meshes)],
                                      stdout=log, stderr=subprocess.STDOUT)
         log.close()
         with Client(self.endpoint, timeout=60) as client:

@@ -14,9 +14,17 @@ import bpy
 import pytest
 
 
+def pytest_report_header(config) -> str:
+    """Which Blender runs these tests (several versions do: scripts/blender_versions.py)."""
+    return f"bpy {'.'.join(map(str, bpy.app.version))} (Blender as a Python module)"
+
+
 @pytest.fixture(scope="session")
 def extension_zip(tmp_path_factory) -> Path:
-    """The extension zip built by scripts/build_addon.py (Blender's builder; wheels from the cache)."""
+    """The extension zip built by scripts/build_addon.py (Blender's builder; wheels from the cache), or the
+    one named by DREAMFLOW_ADDON_ZIP (built once by the run that tests every Blender version)."""
+    if os.environ.get("DREAMFLOW_ADDON_ZIP"):
+        return Path(os.environ["DREAMFLOW_ADDON_ZIP"])
     out = tmp_path_factory.mktemp("addon-dist")
     proc = subprocess.run([PYTHON, str(ROOT / "scripts" / "build_addon.py"), "--out", str(out)],
                           capture_output=True, text=True, timeout=300)

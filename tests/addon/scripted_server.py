@@ -7,7 +7,7 @@ protocol and the client are the real ones; only the runner is replaced. The runn
 stage_done; for a refinement it sends the received input mesh back unchanged (so a test can check
 the round trip), with its texture if it had one.
 
-    python scripted_server.py --bind tcp://127.0.0.1:PORT --store DIR [--step-seconds S]
+    python scripted_server.py --bind tcp://127.0.0.1:PORT --store DIR [--step-seconds S] [--later-meshes N]
 """
 
 from __future__ import annotations
@@ -48,8 +48,14 @@ def scripted_mesh(step: int, texture_size: int = 64) -> dict[str, np.ndarray]:
 
 def scripted_runner(config: Any, out_dir: Any, sink: Any, control: Any, *, input_mesh: Any = None,
                     start_stage: str | None = None, start_t: float | None = None, checkpoint_dir: Any = None,
-                    step_seconds: float = 0.05) -> ScriptedResult:
-    """Emit ``config.stage1.steps`` steps of progress/preview, a mesh every other step, then the final mesh."""
+                    step_seconds: float = 0.05, later_meshes: int = 0) -> ScriptedResult:
+    """Emit ``config.stage1.steps`` steps of progress/preview, a mesh every other step, then the final mesh.
+
+    With ``later_meshes`` > 0 it behaves like a job of several stages, each ending in a final mesh:
+    stage 1's final mesh (texture of step ``total``), then a texture stage of ``later_meshes``
+    meshes (textures of steps ``total + 1`` ...), the last one final. A refinement then sends its
+    input back with the colours of its texture inverted (so a new texture is told from the old).
+    """
     stage = start_stage or "stage1"
     total = int(config.stage1.steps)
     for step in range(1, total + 1):
@@ -63,7 +69,16 @@ def scripted_runner(config: Any, out_dir: Any, sink: Any, control: Any, *, input
     control.check()
     if input_mesh is not None:
         arrays = {k: v for k, v in input_mesh.arrays().items()}
+        if later_meshes and arrays.get("texture") is not None:
+            arrays["texture"] = arrays["texture"].copy()
+            arrays["texture"][..., :3] = 255 - arrays["texture"][..., :3]
         sink.emit("mesh", {"stage": "export", "step": total, "final": True}, arrays)
+    elif later_meshes:
+        sink.emit("mesh", {"stage": stage, "step": total, "final": True}, scripted_mesh(total))
+        for k in range(1, later_meshes + 1):
+            control.check()
+            time.sleep(step_seconds)
+            sink.emit("mesh", {"stage": "texture", "step": k, "final": k == later_meshes}, scripted_mesh(total + k))
     else:
         sink.emit("mesh", {"stage": "export", "step": total, "final": True}, scripted_mesh(total))
     sink.emit("stage_done", {"stage": stage, "steps": total, "seconds": step_seconds * total})
@@ -80,8 +95,10 @@ def main() -> None:
     p.add_argument("--bind", required=True)
     p.add_argument("--store", required=True)
     p.add_argument("--step-seconds", type=float, default=0.05)
+    p.add_argument("--later-meshes", type=int, default=0, help="meshes of a texture stage after stage 1's final one")
     args = p.parse_args()
-    server = Server(args.store, args.bind, runner=partial(scripted_runner, step_seconds=args.step_seconds))
+    server = Server(args.store, args.bind, runner=partial(scripted_runner, step_seconds=args.step_seconds,
+                                                          later_meshes=args.later_meshes))
     server.open()
     print("listening", server.endpoint, flush=True)
     server.serve_forever()

@@ -160,11 +160,10 @@ def test_remote_backend_needs_online_access(addon):
 
 
 def test_local_backend_starts_with_connect_speaks_curve_and_stops_when_the_addon_is_disabled(addon, tmp_path):
-    import sys
     from pathlib import Path
 
     import addon_utils
-    from addon_helpers import ADDON_MODULE
+    from addon_helpers import ADDON_MODULE, PYTHON
     from dreamflow_protocol.keys import create_keys
 
     keys = create_keys(tmp_path / "keys")
@@ -178,7 +177,7 @@ def test_local_backend_starts_with_connect_speaks_curve_and_stops_when_the_addon
     with pytest.raises(RuntimeError, match="both the server public key and the client secret key"):
         bpy.ops.dreamflow.connect()
     prefs.client_key_file = str(keys / "client.key_secret")
-    prefs.backend_executable = str(Path(sys.executable).with_name("dreamflow"))
+    prefs.backend_executable = str(Path(PYTHON).with_name("dreamflow"))
     prefs.backend_arguments = f"serve --bind {{address}} --store {tmp_path / 'store'} --keys {keys}"
     assert bpy.ops.dreamflow.connect() == {"FINISHED"}
     process = addon.live.local_backend.process
@@ -205,3 +204,46 @@ def test_every_new_malformed_message_is_reported_once_even_past_the_clients_boun
         assert session.new_malformed() == []
     finally:
         session.close()
+
+
+def test_a_connection_error_leaves_the_panel_once_the_backend_answers(addon, tmp_path):
+    port = free_port()
+    point_at(f"tcp://127.0.0.1:{port}")
+    bpy.context.preferences.addons[addon.__name__].preferences.timeout = 0.5
+    s = bpy.context.scene.dreamflow
+    s.prompt = "before the server is up"
+    bpy.ops.dreamflow.generate()
+    state = bpy.context.window_manager.dreamflow
+    pump(addon, lambda: s.jobs[0].state == "failed", timeout=10)
+    assert "no DreamFlow server answered" in state.last_error
+    for _ in range(5):
+        addon.live.drain_and_apply(bpy.context.scene)
+    assert state.last_error                               # it still holds while nobody answers
+    server = ServerProcess(tmp_path / "store", port=port).start()
+    try:
+        pump(addon, lambda: state.connection == "CONNECTED", timeout=20)
+        assert state.last_error == ""                      # healthy again: the error has passed
+        assert "no DreamFlow server answered" in s.jobs[0].message   # the job's row keeps what happened
+    finally:
+        server.kill()
+
+
+def test_other_errors_age_out_and_a_new_job_clears_them(addon):
+    live = addon.live
+    state = bpy.context.window_manager.dreamflow
+    live.report("ERROR", "The backend sent a malformed message, ignored: junk")
+    at = state.last_error_at
+    live.clear_passed_error(now=at + live.ERROR_SHOW_SECONDS - 1)
+    assert state.last_error.endswith("junk")
+    live.clear_passed_error(now=at + live.ERROR_SHOW_SECONDS + 1)
+    assert state.last_error == ""
+    # A connection error does not age out while the connection is still down.
+    live.report("ERROR", "Cannot reach the DreamFlow backend: nobody", about="connection")
+    state.connection = "UNREACHABLE"
+    live.clear_passed_error(now=state.last_error_at + 10 * live.ERROR_SHOW_SECONDS)
+    assert "nobody" in state.last_error
+    # Starting a job: the earlier error is no longer news (nobody listens there: no job runs anywhere).
+    point_at(f"tcp://127.0.0.1:{free_port()}")
+    bpy.context.scene.dreamflow.prompt = "next try"
+    assert bpy.ops.dreamflow.generate() == {"FINISHED"}
+    assert state.last_error == ""

@@ -58,6 +58,8 @@ def _artist_object() -> bpy.types.Object:
     px[..., 3] = 1.0
     image.pixels.foreach_set(px.ravel())
     mat = bpy.data.materials.new("artist material")
+    if bpy.app.version < (5, 0, 0):
+        mat.use_nodes = True  # always on from Blender 5.0
     tex = mat.node_tree.nodes.new("ShaderNodeTexImage")
     tex.image = image
     mesh.materials.append(mat)

@@ -1,4 +1,4 @@
-"""Smoke test of bench/distill_2d.py on a small mixture and short budgets."""
+"""Smoke test of bench/distill_2d.py on a small mixture and a tiny budget: rows, schema, tuning."""
 
 import importlib.util
 import json
@@ -14,21 +14,40 @@ def load_bench():
     return module
 
 
-def test_bench_runs_and_writes_json(tmp_path, capsys):
+def test_bench_runs_tunes_and_writes_json(tmp_path, capsys):
     bench = load_bench()
     out = tmp_path / "bench.json"
-    assert bench.main(["--dim", "4", "--modes", "4", "--particles", "6", "--budgets", "20,40", "--json", str(out)]) == 0
+    assert bench.main(["--dim", "4", "--modes", "4", "--particles", "6", "--budgets", "8", "--grid", "0.5,1",
+                       "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "[unconditional]" in text and "[guided]" in text and "apfo(l=1)" in text
+    assert "[unconditional]" in text and "[guided]" in text and "vsd-linear/learned" in text
     result = json.loads(out.read_text())
+    setting = result["setting"]
+    assert setting["kernel"] == 0.005 and setting["tuning_seed"] != setting["seed"] and setting["grid"] == [0.5, 1.0]
     rows = result["rows"]
-    assert len(rows) == 2 * 5 * 2
-    assert {r["method"] for r in rows} == {"apfo", "apfo(l=1)", "vsd", "sds", "fsd"}
+    labels = [v[0] for v in bench.VARIANTS]
+    assert len(rows) == 2 * (1 + len(labels))
+    assert {r["method"] for r in rows} == {"exact", *labels}
     for r in rows:
-        assert 0.0 <= r["fraction_near_mode"] <= 1.0 and 0 <= r["modes_covered"] <= r["modes"]
+        for key in ("method", "steps", "step_size", "modes_covered", "mode_balance", "spread_ratio", "mmd"):
+            assert key in r
+        assert 0 <= r["modes_covered"] <= r["modes"] and 0.0 <= r["mode_balance"] <= 1.0 and r["spread_ratio"] >= 0
+        if r["method"] == "exact":
+            assert r["step_size"] is None and r["spread_ratio"] > 0.5
+            continue
+        assert r["steps"] == 8 and [t["step_size"] for t in r["tuning"]] == [0.5, 1.0]
+        # The reported step size is the tuning seed's best: most modes, then spread nearest 1.
+        assert r["step_size"] == min(r["tuning"], key=bench.tuning_rank)["step_size"]
+        best = max(t["modes_covered"] for t in r["tuning"])
+        assert min(r["tuning"], key=bench.tuning_rank)["modes_covered"] == best
     guided = [r for r in rows if r["scenario"] == "guided"]
     assert all(r["modes"] == 2 for r in guided)
     assert {r["guidance"] for r in guided if r["method"] == "sds"} == {100.0}
-    # Exact APFO reaches the prompted modes within a few dozen steps.
-    apfo = [r for r in rows if r["method"] == "apfo" and r["steps"] == 40]
-    assert all(r["fraction_near_mode"] == 1.0 for r in apfo)
+    # Over several seeds: mean and spread; a seed's scenarios may come from separate runs.
+    other = tmp_path / "seed1-guided.json"
+    assert bench.main(["--dim", "4", "--modes", "4", "--particles", "6", "--budgets", "8", "--grid", "1",
+                       "--methods", "apfo", "--scenarios", "guided", "--seed", "1", "--json", str(other)]) == 0
+    capsys.readouterr()
+    assert bench.main(["--aggregate", str(out), str(other)]) == 0
+    text = capsys.readouterr().out
+    assert "mean ± std over 2 seeds" in text and text.count("[guided]") == 1

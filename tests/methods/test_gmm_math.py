@@ -137,7 +137,7 @@ def test_schedule_plans():
     assert all(0.02 <= p.t <= 0.98 and 0.02 <= p.t_score <= 0.98 for p in uni)
     assert uni == TimestepSchedule("uniform", 0.98, 0.02).plan(500, seed=3)
     assert uni != TimestepSchedule("uniform", 0.98, 0.02).plan(500, seed=4)
-    ann = TimestepSchedule("annealed", 0.98, 0.02, anneal_after=100, anneal_t_max=0.5).plan(400)
+    ann = TimestepSchedule("annealed", 0.98, 0.02, anneal_at=0.25, anneal_t_max=0.5).plan(400)
     assert max(p.t for p in ann[:100]) > 0.5 and max(p.t for p in ann[100:]) <= 0.5
     with pytest.raises(ValueError):
         TimestepSchedule("decreasing", 0.2, 0.8)

@@ -18,7 +18,7 @@ from server_runners import StepRunner
 
 from dreamflow.cli import main
 from dreamflow.server import Server, ServerConfigError
-from dreamflow.server.server import is_loopback
+from dreamflow_protocol import is_local_endpoint
 from dreamflow_protocol import Client, ConnectionTimeout, CurveKeys, Message, encode
 from dreamflow_protocol.keys import create_keys, load_client_keys
 
@@ -29,7 +29,7 @@ LOCAL = ["tcp://127.0.0.1:5555", "tcp://127.8.9.10:5555", "tcp://[::1]:5555", "t
 
 @pytest.mark.parametrize("endpoint", PUBLIC)
 def test_binding_beyond_loopback_without_keys_is_refused_before_anything_is_opened(endpoint, tmp_path):
-    assert not is_loopback(endpoint)
+    assert not is_local_endpoint(endpoint)
     with pytest.raises(ServerConfigError, match=r"refusing to bind .* needs authentication; make keys with `dreamflow keys"):
         Server(tmp_path / "store", endpoint)
     assert not (tmp_path / "store").exists(), "the refusal must come before the server touches anything"
@@ -37,7 +37,7 @@ def test_binding_beyond_loopback_without_keys_is_refused_before_anything_is_open
 
 @pytest.mark.parametrize("endpoint", LOCAL)
 def test_loopback_endpoints_need_no_keys(endpoint):
-    assert is_loopback(endpoint)
+    assert is_local_endpoint(endpoint)
 
 
 def test_serve_command_refuses_a_public_bind_without_keys_and_accepts_it_with_keys(tmp_path):

@@ -72,7 +72,7 @@ def test_loading_a_mesh_file_normalises_it_and_rejects_non_meshes(tmp_path):
     box.apply_translation((5.0, 0.0, 0.0))
     path = tmp_path / "box.ply"
     box.export(path)
-    mesh, colours = ro.load_reference(path)
+    mesh, colours, _ = ro.load_reference(path)
     assert np.isclose((mesh.vertices.max(0) - mesh.vertices.min(0)).max(), ro.NORMALISED_EXTENT)
     assert np.allclose(mesh.vertices.mean(0), 0.0, atol=1e-6)
     assert colours.shape == (len(mesh.vertices), 3)
@@ -82,3 +82,74 @@ def test_loading_a_mesh_file_normalises_it_and_rejects_non_meshes(tmp_path):
         ro.load_reference(bad)
     with pytest.raises(MeshError, match="does not exist"):
         ro.load_reference(tmp_path / "missing.glb")
+
+
+def _coloured_quad(kind: str):
+    """Two triangles (a unit square, 4 vertices) carrying one kind of trimesh colour visual."""
+    import trimesh
+    from PIL import Image
+
+    mesh = trimesh.Trimesh(vertices=[[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], faces=[[0, 1, 2], [0, 2, 3]],
+                           process=False)
+    if kind == "vertex":
+        mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=np.array(
+            [[255, 0, 0, 255], [0, 255, 0, 255], [0, 0, 255, 255], [255, 255, 0, 255]], np.uint8))
+    elif kind == "face":
+        mesh.visual = trimesh.visual.ColorVisuals(mesh, face_colors=np.array([[255, 0, 0, 255], [0, 0, 255, 255]], np.uint8))
+    elif kind == "texture":
+        image = np.zeros((4, 4, 3), np.uint8)
+        image[:, :2] = (255, 0, 0)
+        image[:, 2:] = (0, 255, 0)
+        material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.fromarray(image))
+        mesh.visual = trimesh.visual.TextureVisuals(uv=[[0, 0], [1, 0], [1, 1], [0, 1]], material=material)
+    elif kind == "material":
+        mesh.visual = trimesh.visual.TextureVisuals(
+            material=trimesh.visual.material.PBRMaterial(baseColorFactor=[51, 102, 204, 255]))
+    return mesh
+
+
+@pytest.mark.parametrize("kind, ext, source", [
+    ("vertex", "ply", "vertex colours"), ("vertex", "glb", "vertex colours"), ("vertex", "obj", "vertex colours"),
+    ("face", "ply", "face colours"), ("texture", "glb", "texture"), ("texture", "obj", "texture"),
+    ("material", "glb", "material colour"), ("material", "obj", "material colour")])
+def test_a_reference_file_keeps_its_colours_whatever_visual_trimesh_gives(tmp_path, kind, ext, source):
+    path = tmp_path / f"quad.{ext}"
+    _coloured_quad(kind).export(path)
+    loaded = ro.load_reference(path)
+    assert loaded.colours_from == source
+    mesh, colours = loaded.mesh, loaded.vertex_colours
+    if source == "texture":
+        assert colours is None and mesh.uvs is not None
+        assert set(map(tuple, mesh.texture.reshape(-1, 3))) == {(255, 0, 0), (0, 255, 0)}
+        return
+    assert colours.shape == (len(mesh.vertices), 3)
+    if kind == "vertex":
+        assert {tuple(c) for c in colours.tolist()} == {(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0)}
+    elif kind == "face":
+        # Each triangle keeps its own flat colour: its three corners carry it, unblended.
+        assert len(mesh.vertices) == 6
+        assert np.allclose(colours[mesh.faces[0]], (1, 0, 0)) and np.allclose(colours[mesh.faces[1]], (0, 0, 1))
+    else:
+        assert np.allclose(colours, (0.2, 0.4, 0.8))
+
+
+def test_a_reference_file_without_colour_is_grey_and_says_so(tmp_path, caplog):
+    path = tmp_path / "plain.ply"
+    _coloured_quad("none").export(path)
+    with caplog.at_level("WARNING", logger="dreamflow"):
+        loaded = ro.load_reference(path)
+    assert loaded.colours_from == "none" and np.allclose(loaded.vertex_colours, ro.NO_COLOUR_GREY)
+    assert "has no colour" in caplog.text and "plain.ply" in caplog.text
+
+
+def test_a_gltf_base_colour_factor_tints_its_texture(tmp_path):
+    import trimesh
+    from PIL import Image
+
+    mesh = _coloured_quad("texture")
+    image = np.asarray(mesh.visual.material.baseColorTexture)
+    mesh.visual.material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.fromarray(image),
+                                                               baseColorFactor=[255, 128, 255, 255])
+    mesh.export(tmp_path / "tinted.glb")
+    loaded = ro.load_reference(tmp_path / "tinted.glb")
+    assert set(map(tuple, loaded.mesh.texture.reshape(-1, 3).tolist())) == {(255, 0, 0), (0, 128, 0)}

@@ -10,7 +10,8 @@ import pytest
 from server_support import collect
 from server_runners import StepRunner, cube_mesh
 
-from dreamflow.server import JobStore, Server, ServerConfigError, is_loopback
+from dreamflow.server import JobStore, Server, ServerConfigError
+from dreamflow_protocol import is_local_endpoint
 from dreamflow_protocol import ConnectionTimeout, ProtocolError, RequestError, ServerBusy
 
 
@@ -250,7 +251,7 @@ def test_sink_cleans_pipeline_events_and_reports_what_it_drops(tmp_path):
     ("ipc:///tmp/dreamflow.sock", True), ("tcp://0.0.0.0:5555", False), ("tcp://*:5555", False),
     ("tcp://192.168.1.20:5555", False), ("tcp://eth0:5555", False), ("udp://127.0.0.1:5555", False)])
 def test_which_endpoints_count_as_loopback(endpoint, local):
-    assert is_loopback(endpoint) is local
+    assert is_local_endpoint(endpoint) is local
 
 
 def test_a_request_that_timed_out_is_never_delivered_to_a_server_started_later(make_server, make_client):

@@ -58,6 +58,7 @@ def test_files_and_report(smoke_run):
     for name in ("model.glb", "turntable.png", "loss.png", "report.json"):
         assert (out / name).is_file(), name
     assert set(result.files.values()) >= {"model.glb", "turntable.png", "loss.png", "report.json"}
+    assert result.report["reference"] == {"file": "builtin", "colours_from": "texture"}
     q = result.report["quality"]
     assert np.isfinite(q["psnr_db"]) and np.isfinite(q["chamfer_rel"])
     assert result.report["stages"]["stage1"]["seconds"] > 0
@@ -105,3 +106,19 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
                  "--set", "prior.kind=stable-diffusion", "--set", "prior.model=/nonexistent/sd-folder",
                  "--set", "prior.local_files_only=true"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_reference_file_without_colour_is_named_in_the_log_events_and_the_report(tmp_path):
+    import json
+
+    import trimesh
+
+    plain = tmp_path / "plain.ply"
+    trimesh.creation.box(extents=(1.0, 0.6, 0.4)).export(plain)
+    sink = RecordingSink()
+    overrides = {**STAGE1_ONLY, "prior.reference": str(plain), "stage1.steps": 1}
+    run_job(build_config("smoke", overrides), tmp_path / "out", sink, JobControl())
+    warnings = [f["message"] for _, f, _ in sink.of_kind("log") if f["level"] == "warning"]
+    assert any("plain.ply has no colour" in m and "grey" in m for m in warnings)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["reference"] == {"file": str(plain), "colours_from": "none"}

@@ -17,7 +17,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prior", choices=("sd", "gmm"), default="gmm")
     p.add_argument("--method", choices=METHOD_NAMES, default="apfo")
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--views-per-t", type=int, default=5, help="APFO/FSD: updates per timestep (the paper's l)")
+    p.add_argument("--views-per-t", type=int, default=1,
+                   help="updates per timestep of a decreasing schedule (the paper's l; 2D has no views: 1)")
+    p.add_argument("--t-schedule", choices=("method", "linear", "dreamtime"), default="method",
+                   help="the method's own times, or t decreasing 1.0 -> 0.0 linearly / by DreamTime's weight")
+    p.add_argument("--step-size", type=float, default=1.0, help="multiplies every move (sgd: 1 = onto the target)")
+    p.add_argument("--score-model", choices=("empirical", "learned"), default="empirical",
+                   help="gmm: D_phi as the particles' empirical denoiser or a small network trained on them")
+    p.add_argument("--phi-kernel", type=float, default=0.005,
+                   help="gmm: kernel width of the empirical D_phi (keep it well below the mixture's std)")
     p.add_argument("--particles", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (images, report.json, loss.png)")
@@ -42,7 +50,9 @@ def cmd_image(args: argparse.Namespace) -> int:
     from ..priors.latent_diffusion import PriorLoadError
 
     kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, prior=args.prior, method=args.method,
-                  steps=args.steps, views_per_t=args.views_per_t, particles=args.particles, seed=args.seed, guidance=args.guidance,
+                  steps=args.steps, views_per_t=args.views_per_t, t_schedule=args.t_schedule, step_size=args.step_size,
+                  score_model=args.score_model, phi_kernel=args.phi_kernel,
+                  particles=args.particles, seed=args.seed, guidance=args.guidance,
                   optimiser=args.optimiser, lr=args.lr, gmm_size=args.size, gmm_modes=args.modes,
                   phi_model=args.phi_model, resolution=args.resolution, device=args.device,
                   local_files_only=args.offline)
@@ -57,6 +67,6 @@ def cmd_image(args: argparse.Namespace) -> int:
     if "metrics" in report:
         m = report["metrics"]
         line += (f" | near a mode {m['fraction_near_mode']:.0%}, modes covered {m['modes_covered']}/{m['modes']}, "
-                 f"mean distance {m['mean_distance_in_std']:.2f} std")
+                 f"balance {m['mode_balance']:.2f}, spread ratio {m['spread_ratio']:.2f}, mmd {m['mmd']:.4f}")
     print(line)
     return 0

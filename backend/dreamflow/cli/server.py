@@ -117,12 +117,12 @@ def _with_client(args: argparse.Namespace, body: Callable[[Any], int]) -> int:
 
 def _keys_hint(args: argparse.Namespace) -> str:
     """Why a server may not have answered: one that needs keys ignores a client without them."""
-    from ..server import is_loopback
+    from dreamflow_protocol import is_local_endpoint
 
     if args.keys:
         return (f"; if a server runs there, check that --keys {args.keys} holds its server.key and a client key it "
                 f"authorises (a server silently ignores clients whose keys it does not accept)")
-    if not is_loopback(args.connect):
+    if not is_local_endpoint(args.connect):
         return (f"; {args.connect} is not on this machine, and a remote server needs CURVE keys: pass --keys DIR "
                 f"(server.key, client.key and client.key_secret from `dreamflow keys` on the server)")
     return "; if the server was started with --keys, pass --keys DIR too"

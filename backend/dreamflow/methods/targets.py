@@ -42,6 +42,18 @@ class TargetResult:
     sigma: float
 
 
+def target_sigma(prior: Prior, t_next: float) -> torch.Tensor:
+    """The noise level a step moves to: the prior's table, except that ``t = 0`` is the ODE's end.
+
+    The DDPM table's smallest entry (step 0, sigma about 0.03 for SD) is where the model stops
+    training, not where sampling ends: a plan running to ``t_end = 0`` takes its last Euler step
+    to sigma = 0, as a DDIM/Euler sampler's final step does (DreamFlow's stage 3, 0.3 -> 0.0).
+    """
+    if t_next <= 0.0:
+        return torch.zeros((), dtype=torch.float32)
+    return prior.sigma(t_next).float()
+
+
 class TargetRule(ABC):
     """``x_hat = x + lam(sigma_i, sigma_next) * (D_p(x + sigma n) - D_phi(x + sigma n))``."""
 
@@ -57,7 +69,7 @@ class TargetRule(ABC):
         # without a stall.
         sigma_host = prior.sigma(step.t).float()
         sigma = upload(sigma_host, x.device)
-        sigma_next = upload(prior.sigma(step.t_next).float(), x.device)
+        sigma_next = upload(target_sigma(prior, step.t_next), x.device)
         n = ctx.noise.sample(x, ctx.cameras, ctx.alpha, ctx.generator)
         x_noisy = x + sigma.to(x.dtype) * n
         d_p = prior.denoise(x_noisy, sigma, ctx.cond, ctx.cameras)

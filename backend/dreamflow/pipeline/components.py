@@ -20,9 +20,9 @@ def reference_renderer(config: JobConfig, device: torch.device):
     from ..scene.reference_object import builtin_house, load_reference
 
     if config.prior.reference == "builtin":
-        return ReferenceRenderer(builtin_house(), device=device)
-    mesh, colours = load_reference(config.prior.reference)
-    return ReferenceRenderer(mesh, colours, device=device)
+        return ReferenceRenderer(builtin_house(), device=device, colours_from="texture")
+    loaded = load_reference(config.prior.reference)
+    return ReferenceRenderer(loaded.mesh, loaded.vertex_colours, device=device, colours_from=loaded.colours_from)
 
 
 def _tiny_cache(ctx: JobContext) -> Path:
@@ -67,6 +67,14 @@ def get_prior(ctx: JobContext) -> Prior:
             prior = _diffusion_prior(ctx, cfg.model, "prior", encode_size=cfg.encode_size or None)
     ctx.cache["prior"] = prior
     return prior
+
+
+def lora_settings(ctx: JobContext, method: MethodConfig) -> tuple[float, bool]:
+    """(learning rate, camera embedding on) of a stage's LoRA: the method's own, else the prior's."""
+    cfg = ctx.config.prior
+    lr = cfg.lora_lr if method.lora_lr is None else method.lora_lr
+    camera = cfg.camera_embedding if method.camera_embedding is None else method.camera_embedding
+    return float(lr), bool(camera)
 
 
 def release_diffusion_models(ctx: JobContext, keep: Prior | None = None) -> list[str]:
@@ -150,17 +158,17 @@ def build_score_model(ctx: JobContext, prior: Prior, method: MethodConfig, stage
             # The same fast path as D_p's model: this second UNet runs as often as the first.
             ctx.cache["phi_base"] = _diffusion_prior(ctx, cfg.phi_model, "phi")
         phi_base = ctx.cache["phi_base"]
-    return score_model_for(ctx.config, prior, method, stage, phi_base)
+    return score_model_for(ctx, prior, method, stage, phi_base)
 
 
-def score_model_for(config: JobConfig, prior: Prior, method: MethodConfig, stage: str,
+def score_model_for(ctx: JobContext, prior: Prior, method: MethodConfig, stage: str,
                     phi_base: Prior | None = None) -> tuple[ScoreModel, str]:
     """D_phi of ``method.score_model`` on ``prior`` (the one place a LoRA D_phi is built) and its name.
 
     Each stage gets its own LoRA adapter (named after the stage) on the shared UNet, or on
     ``phi_base`` when given.
     """
-    cfg = config.prior
+    cfg = ctx.config.prior
     kind = method.score_model
     if kind == "identity":
         return IdentityScoreModel(), "identity"
@@ -174,7 +182,8 @@ def score_model_for(config: JobConfig, prior: Prior, method: MethodConfig, stage
         return EmpiricalScoreModel(std=cfg.reference_std), "empirical"
     from ..priors.score_models import LoraScoreModel
 
-    model = LoraScoreModel(prior, phi_base=phi_base, rank=cfg.lora_rank, lr=cfg.lora_lr,
-                           camera_embedding=cfg.camera_embedding, seed=config.seed,
+    lr, camera = lora_settings(ctx, method)
+    model = LoraScoreModel(prior, phi_base=phi_base, rank=cfg.lora_rank, lr=lr,
+                           camera_embedding=camera, seed=ctx.config.seed,
                            adapter_name=f"dreamflow_phi_{stage}")
     return model, "lora"

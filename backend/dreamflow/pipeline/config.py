@@ -234,9 +234,10 @@ def build_config(preset: str = "preview", overrides: Mapping[str, Any] | None = 
     if cfg.method != "apfo":
         cfg = replace(
             cfg,
-            stage1=replace(cfg.stage1, method=method_defaults(cfg.method, cfg.stage1.method)),
-            texture=replace(cfg.texture, method=method_defaults(cfg.method, cfg.texture.method)),
-            refine=replace(cfg.refine, method=method_defaults(cfg.method, cfg.refine.method)),
+            stage1=replace(cfg.stage1, method=method_defaults(cfg.method, cfg.stage1.method, "nerf")),
+            geometry=replace(cfg.geometry, method=method_defaults(cfg.method, cfg.geometry.method, "geometry")),
+            texture=replace(cfg.texture, method=method_defaults(cfg.method, cfg.texture.method, "texture")),
+            refine=replace(cfg.refine, method=method_defaults(cfg.method, cfg.refine.method, "refine")),
         )
     cfg = apply_overrides(cfg, dict(overrides or {}))
     check_ranges(cfg)

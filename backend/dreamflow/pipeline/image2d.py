@@ -4,8 +4,11 @@ The 2D experiment of both papers: P particles are the parameters; a "render" ret
 they are, and the one loop (methods/loop.py) runs any method on them. For a latent prior the
 particles are latents and are decoded only for saving. By default the optimiser is plain SGD
 with a learning rate equal to the batch, so every particle moves exactly onto its target each
-step: the run is then the method's update rule itself (APFO: an Euler step of the probability
-flow per timestep), free of optimiser dynamics; ``optimiser="adamw"`` gives the papers' setting.
+step (``step_size`` 1; other values scale every move): the run is then the method's update rule
+itself (APFO: an Euler step of the probability flow per timestep), free of optimiser dynamics;
+``optimiser="adamw"`` gives the papers' setting. On the Gaussian-mixture prior ``D_phi`` is the
+particles' empirical denoiser with a kernel of width ``phi_kernel`` (a setting, well below the
+data's std) or a small network trained from scratch with the denoising loss (``score_model``).
 """
 
 from __future__ import annotations
@@ -85,11 +88,10 @@ class InPriorSpace(Prior):
         return self.inner.denoise(x_noisy, sigma, cond, cameras, guidance)
 
 
-#: The 2D stage: APFO from the largest noise level to the smallest (DreamFlow Fig. 14 uses
-#: 1.0 -> 0.0); the baselines derive from it (method_defaults). ``views_per_t`` of the run config
-#: sets the updates per timestep (bench/distill_2d.py: one per timestep collapses modes on long
-#: dense schedules; five, stage 1's value, does not).
-IMAGE2D_STAGE = MethodConfig(schedule=TimestepSchedule("decreasing", 1.0, 0.0, 5), score_model="exact")
+#: The 2D stage: APFO from the largest noise level to sigma = 0 (DreamFlow Fig. 14: 1.0 -> 0.0,
+#: DDIM-like, one update per timestep since a 2D problem has no views); the baselines derive from
+#: it (method_defaults, role "image").
+IMAGE2D_STAGE = MethodConfig(schedule=TimestepSchedule("decreasing", 1.0, 0.0, 1), score_model="exact")
 
 
 @dataclass(frozen=True)
@@ -101,13 +103,24 @@ class Image2DConfig:
     prior: Literal["gmm", "sd"] = "gmm"
     method: Literal["apfo", "vsd", "sds", "fsd"] = "apfo"
     steps: int = 200
-    views_per_t: int = 5                   # APFO/FSD: updates per timestep (the paper's l)
+    views_per_t: int = 1                   # updates per timestep on decreasing schedules (the paper's l)
+    # "method": the method's own times; "linear": t decreasing linearly 1.0 -> 0.0 (DreamFlow Fig.
+    # 14c); "dreamtime": decreasing by DreamTime's prior weight (Fig. 14d)
+    t_schedule: Literal["method", "linear", "dreamtime"] = "method"
     particles: int = 4
     seed: int = 0
     guidance: float | None = None          # None: the method's default (diffusers form)
     optimiser: Literal["sgd", "adamw"] = "sgd"
-    lr: float | None = None                # None: exact steps for sgd, 0.03 for adamw
+    step_size: float = 1.0                 # multiplies each move (sgd: 1 moves every particle onto its target)
+    lr: float | None = None                # None: particles * step_size for sgd, 0.03 * step_size for adamw
     init_std: float = 0.5                  # particles start at mean + init_std * N(0, 1)
+    # D_phi on the Gaussian-mixture prior: "empirical" (the particles' denoiser, kernel phi_kernel)
+    # or "learned" (an MLP trained from scratch with the denoising loss, lr phi_lr)
+    score_model: Literal["empirical", "learned"] = "empirical"
+    phi_kernel: float = 0.005              # empirical kernel width; s/10 for the default gmm_std
+    phi_lr: float = 1e-3
+    phi_hidden: int = 256
+    phi_updates: int = 1                   # denoising-loss steps per iteration
     # Gaussian-mixture prior (3 x size x size images in [0, 1])
     gmm_size: int = 16
     gmm_modes: int = 4
@@ -128,7 +141,10 @@ def method_config(cfg: Image2DConfig) -> MethodConfig:
     """The method settings for a 2D run (the stage's APFO settings, or a baseline's defaults)."""
     stage = replace(IMAGE2D_STAGE, schedule=replace(IMAGE2D_STAGE.schedule, views_per_t=cfg.views_per_t),
                     score_model="exact" if cfg.prior == "gmm" else "lora")
-    mcfg = method_defaults(cfg.method, stage)
+    mcfg = method_defaults(cfg.method, stage, "image")
+    if cfg.t_schedule != "method":
+        mcfg = replace(mcfg, schedule=TimestepSchedule("decreasing", 1.0, 0.0, cfg.views_per_t,
+                                                       curve="linear" if cfg.t_schedule == "linear" else "dreamtime"))
     if cfg.guidance is not None:
         mcfg = replace(mcfg, guidance=float(cfg.guidance))
     return mcfg
@@ -147,13 +163,15 @@ def build_prior(cfg: Image2DConfig, device: torch.device) -> Prior:
 
 
 def build_score_model(kind: str, prior: Prior, cfg: Image2DConfig, device: torch.device) -> ScoreModel:
-    """D_phi for the method: identity, the exact empirical model (GMM) or a LoRA (SD)."""
+    """D_phi for the method: identity, the empirical or a learned model (GMM), or a LoRA (SD)."""
     if kind == "identity":
         return IdentityScoreModel()
     if cfg.prior == "gmm":
-        from ..priors.score_models import EmpiricalScoreModel
+        from ..priors.score_models import EmpiricalScoreModel, LearnedScoreModel
 
-        return EmpiricalScoreModel(std=cfg.gmm_std)
+        if cfg.score_model == "learned":
+            return LearnedScoreModel(hidden=cfg.phi_hidden, lr=cfg.phi_lr, updates=cfg.phi_updates, seed=cfg.seed)
+        return EmpiricalScoreModel(std=cfg.phi_kernel)
     from ..priors.score_models import LoraScoreModel
 
     phi_base = None
@@ -166,18 +184,60 @@ def build_score_model(kind: str, prior: Prior, cfg: Image2DConfig, device: torch
     return LoraScoreModel(prior, phi_base, rank=cfg.lora_rank, lr=cfg.lora_lr, seed=cfg.seed)
 
 
-def gmm_metrics(prior: Any, x: torch.Tensor) -> dict[str, Any]:
-    """Exact quality of particles against the mixture: near a mode, modes covered, distances.
+def unbiased_mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...]) -> float:
+    """Unbiased estimate of the squared MMD between samples ``x`` (P, ...) and ``y`` (M, ...) under
+    a sum of Gaussian kernels of the given widths: 0 in expectation when the two laws are equal,
+    so one estimate may be slightly negative."""
+    a = x.reshape(x.shape[0], -1).to(torch.float64)
+    b = y.reshape(y.shape[0], -1).to(torch.float64)
 
-    A particle is "within 3 std" of a mode when its RMS per-coordinate distance to the mode mean
-    is below 3 s (a true sample of the mode sits at about s).
+    def kernel(d: torch.Tensor) -> torch.Tensor:
+        return sum(torch.exp(-d * d / (2.0 * h * h)) for h in bandwidths)
+
+    def off_diagonal_mean(k: torch.Tensor) -> torch.Tensor:
+        n = k.shape[0]
+        return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
+
+    mmd = off_diagonal_mean(kernel(torch.cdist(a, a))) + off_diagonal_mean(kernel(torch.cdist(b, b))) \
+        - 2.0 * kernel(torch.cdist(a, b)).mean()
+    return float(mmd)
+
+
+def gmm_metrics(prior: Any, x: torch.Tensor, components: list[int] | None = None, reference: int = 1000,
+                seed: int = 0) -> dict[str, Any]:
+    """Exact quality of particles against the (prompted part of the) mixture, telling collapse from detail.
+
+    - ``modes_covered``: prompted modes with at least one particle within 3 s (RMS per-coordinate
+      distance; an exact sample sits at about s); ``mode_balance``: entropy of the particles'
+      spread over the prompted modes, divided by its maximum (1: even; 0: all on one mode);
+    - ``spread_ratio``: mean distance of particles to their nearest mode over that of exact
+      samples (1 exact, near 0 collapse onto mode centres, above 1 noise or over-saturation);
+    - ``mmd``: unbiased squared kernel MMD against ``reference`` exact samples of the prompted
+      sub-mixture (0 in expectation for exact samples), Gaussian kernel of width ``s sqrt(d / 3)``.
+      The width matters with few particles per mode: for m particles per mode at ``r`` times an
+      exact sample's distance from the centre, a wide kernel's unbiased estimate is lowest at
+      r = 0 (an evenly split set of mode centres beats exact samples); at this width it is lowest
+      at r = 1 for m >= 2, and rises for collapse (r = 0) and for noise (r = 2) alike.
     """
-    idx, dist = prior.nearest_mode(x.detach().cpu())
-    near = dist < 3.0 * prior.std
-    return {"fraction_near_mode": float(near.float().mean()),
-            "modes_covered": len(set(idx[near].tolist())),
-            "modes": int(prior.means.shape[0]),
-            "mean_distance": float(dist.mean()),
+    x = x.detach().cpu()
+    comps = list(range(prior.means.shape[0])) if components is None else list(components)
+    idx, dist = prior.nearest_mode(x)
+    exact = prior.sample(reference, comps, seed=seed + 7919)
+    _, exact_dist = prior.nearest_mode(exact)
+    ok = [(i in comps) and d < 3.0 * prior.std for i, d in zip(idx.tolist(), dist.tolist())]
+    counts = torch.tensor([sum(1 for i, good in zip(idx.tolist(), ok) if good and i == c) for c in comps],
+                          dtype=torch.float64)
+    balance = 0.0
+    if counts.sum() > 0 and len(comps) > 1:
+        q = counts / counts.sum()
+        balance = max(0.0, float(-(q[q > 0] * q[q > 0].log()).sum() / math.log(len(comps))))
+    mmd = unbiased_mmd(x, exact, (prior.std * math.sqrt(x[0].numel() / 3.0),))
+    return {"fraction_near_mode": sum(ok) / len(ok),
+            "modes_covered": int((counts > 0).sum()),
+            "modes": len(comps),
+            "mode_balance": balance,
+            "spread_ratio": float(dist.mean() / exact_dist.mean()),
+            "mmd": mmd,
             "mean_distance_in_std": float(dist.mean() / prior.std),
             "nearest_mode": idx.tolist()}
 
@@ -210,7 +270,7 @@ def optimise_particles(cfg: Image2DConfig, prior: Prior, sink: EventSink | None 
     else:
         shape, mean = (4, cfg.resolution // 8, cfg.resolution // 8), 0.0
     init = mean + cfg.init_std * torch.randn(cfg.particles, *shape, generator=g)
-    lr = cfg.lr if cfg.lr is not None else (float(cfg.particles) if cfg.optimiser == "sgd" else 0.03)
+    lr = cfg.lr if cfg.lr is not None else cfg.step_size * (float(cfg.particles) if cfg.optimiser == "sgd" else 0.03)
     problem = ParticleProblem(init.to(device), lr)
     loop = Distillation(problem, method, InPriorSpace(prior), score_model, cond, None,
                         LoopConfig(iterations=cfg.steps, optimiser=cfg.optimiser), seed=cfg.seed)
@@ -252,6 +312,6 @@ def run_image2d(cfg: Image2DConfig, out_dir: str | Path, sink: EventSink | None 
         "history": [vars(r) for r in history], "files": files + ["report.json"],
     }
     if cfg.prior == "gmm":
-        report["metrics"] = gmm_metrics(prior, particles)
+        report["metrics"] = gmm_metrics(prior, particles, prior.components(cfg.prompt), seed=cfg.seed)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report

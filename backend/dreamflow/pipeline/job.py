@@ -128,6 +128,9 @@ def run_job(config: JobConfig, out_dir: Path, sink: EventSink, control: JobContr
         from .components import reference_renderer
 
         ctx.reference = reference_renderer(config, device)  # fail early on a bad --reference file
+        if ctx.reference.colours_from == "none":
+            ctx.emit("log", {"level": "warning", "message": f"reference file {config.prior.reference} has no colour "
+                              f"(no texture, vertex, face or material colour): it is rendered grey"})
     result: StageResult | None = None
     if start_stage is not None and start_stage != "stage1":
         from .refine_input import prepare_input
@@ -179,6 +182,8 @@ def run_job(config: JobConfig, out_dir: Path, sink: EventSink, control: JobContr
                           "metrics": {k: _finite(v) for k, v in rec.metrics.items()}}
                    for name, rec in ctx.stages.items()},
         "quality": quality,
+        "reference": None if ctx.reference is None else {"file": config.prior.reference,
+                                                         "colours_from": ctx.reference.colours_from},
         "mesh": {"vertices": int(len(asset.vertices)), "faces": int(len(asset.faces)),
                  "texture_size": list(asset.texture.shape[:2]) if asset.texture is not None else None},
         "config": to_dict(config),

@@ -69,7 +69,7 @@ def stage_models(ctx: JobContext, stage: str, method: MethodConfig, models: Stag
         prior = prior if view is None else view(prior)
         return (prior, *build_score_model(ctx, prior, method, stage, phi_model=not refiner))
     prior = models.prior if view is None else view(models.prior)
-    return (prior, *score_model_for(ctx.config, prior, method, stage, None if refiner else models.phi_base))
+    return (prior, *score_model_for(ctx, prior, method, stage, None if refiner else models.phi_base))
 
 
 @dataclass

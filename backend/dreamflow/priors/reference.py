@@ -28,8 +28,9 @@ class ReferenceRenderer:
     """Renders a reference mesh (texture or vertex colours) with the project's rasteriser."""
 
     def __init__(self, mesh: MeshData, vertex_colours: np.ndarray | None = None, background: float = 1.0,
-                 supersample: int = 2, device: torch.device | str = "cpu"):
+                 supersample: int = 2, device: torch.device | str = "cpu", colours_from: str = ""):
         self.device = torch.device(device)
+        self.colours_from = colours_from  # where the file's colour came from ("none": it had none), for the report
         self.mesh = mesh
         self.vertices = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=self.device)
         self.faces = torch.as_tensor(mesh.faces, dtype=torch.long, device=self.device)

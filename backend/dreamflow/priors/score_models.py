@@ -1,10 +1,15 @@
-"""Score models of the renders, ``D_phi``: the exact empirical one and the LoRA one.
+"""Score models of the renders, ``D_phi``: the exact empirical one, a small learned one, the LoRA one.
 
 ``EmpiricalScoreModel`` is exact: the denoiser of the empirical distribution of the current
-renders (particles), each smoothed by a Gaussian kernel of width ``std``; it is what a perfectly
-trained VSD/APFO score model would be, so on an analytic prior the methods can be checked
-without training noise. ``LoraScoreModel`` is the practical one (ProlificDreamer, DreamFlow): a
-LoRA adapter on the prior's own UNet, trained with the denoising loss on the renders.
+renders (particles), each smoothed by a Gaussian kernel of width ``std``. The kernel width is a
+setting and decides a lot: the fixed point of a particle method against it is the data smoothed
+by a kernel of that width, so a kernel as wide as the data's own modes puts every particle on a
+mode centre (collapse passes for success); keep it well below the data's scale.
+``LearnedScoreModel`` is a small network trained from scratch with the denoising loss on the
+renders (ProlificDreamer's 2D experiment trains a small U-Net so), the approximate ``D_phi`` of
+practice on a problem small enough for a CPU. ``LoraScoreModel`` is the practical one
+(ProlificDreamer, DreamFlow): a LoRA adapter on the prior's own UNet, trained with the
+denoising loss on the renders.
 """
 
 from __future__ import annotations
@@ -64,6 +69,117 @@ class EmpiricalScoreModel(ScoreModel):
     def load_state_dict(self, state):
         """Restore the memory."""
         self.bank = state.get("bank")
+
+
+class LearnedScoreModel(ScoreModel):
+    """``D_phi`` as a small MLP denoiser of flattened renders, trained by denoising score matching.
+
+    EDM preconditioning around the first batch's mean ``m`` and std ``s_d`` (the renders'
+    normalisation, fixed from then on): ``D = m + c_skip (x - m) + c_out F(c_in (x - m), log sigma)``
+    with ``c_skip = s_d^2 / (sigma^2 + s_d^2)``, ``c_out = sigma s_d / sqrt(sigma^2 + s_d^2)``,
+    ``c_in = 1 / sqrt(sigma^2 + s_d^2)``. The last layer starts at zero, so an untrained model is
+    the denoiser of a Gaussian with the renders' first two moments. Each :meth:`update` takes
+    ``updates`` AdamW steps of the loss ``||F - (x - m - c_skip (x_noisy - m)) / c_out||^2`` at the
+    loop's noise level (v-prediction is this loss with ``s_d = 1``): the LoRA's training, on a
+    network that knows nothing of the prior.
+    """
+
+    trainable = True
+
+    def __init__(self, hidden: int = 256, lr: float = 1e-3, updates: int = 1, seed: int = 0):
+        if hidden < 1 or updates < 1 or lr <= 0:
+            raise ValueError("LearnedScoreModel needs hidden >= 1, updates >= 1 and lr > 0")
+        self.hidden = int(hidden)
+        self.lr = float(lr)
+        self.updates = int(updates)
+        self.seed = int(seed)
+        self.net: torch.nn.Module | None = None
+        self.optimiser: torch.optim.Optimizer | None = None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.centre = 0.0
+        self.scale = 1.0
+        self.freqs = torch.arange(1, 9, dtype=torch.float32)
+
+    def _build(self, dim: int, device: torch.device) -> None:
+        with torch.random.fork_rng(devices=[]):  # the network's own initial weights, per seed
+            torch.manual_seed(self.seed)
+            self.net = torch.nn.Sequential(torch.nn.Linear(dim + 2 * len(self.freqs), self.hidden), torch.nn.SiLU(),
+                                           torch.nn.Linear(self.hidden, self.hidden), torch.nn.SiLU(),
+                                           torch.nn.Linear(self.hidden, dim)).to(device)
+        torch.nn.init.zeros_(self.net[4].weight)
+        torch.nn.init.zeros_(self.net[4].bias)
+        self.optimiser = torch.optim.AdamW(self.net.parameters(), lr=self.lr)
+
+    def _start(self, x: torch.Tensor) -> None:
+        """Build the network for renders like ``x`` and fix the normalisation from them."""
+        self._build(x[0].numel(), x.device)
+        self.centre = float(x.mean())
+        self.scale = max(float(x.std()), 1e-3)
+
+    def _raw(self, x_noisy: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(F, c_skip, c_out) for flattened inputs; ``s`` is (B, 1)."""
+        sd2 = self.scale * self.scale
+        c_in = 1.0 / torch.sqrt(s * s + sd2)
+        c_skip = sd2 / (s * s + sd2)
+        c_out = s * self.scale / torch.sqrt(s * s + sd2)
+        angle = torch.log(s) * self.freqs.to(s.device)[None] / 4.0
+        feats = torch.cat([(x_noisy - self.centre) * c_in, torch.sin(angle), torch.cos(angle)], dim=1)
+        assert self.net is not None
+        return self.net(feats), c_skip, c_out
+
+    def denoise(self, x_noisy, sigma, cond, cameras=None, x_clean=None):
+        """The network's clean estimate (the untrained Gaussian denoiser before the first update)."""
+        if self.net is None:
+            self._start(x_clean if x_clean is not None else x_noisy)
+        b = x_noisy.shape[0]
+        flat = x_noisy.reshape(b, -1).float()
+        s = as_sigma(sigma, flat).reshape(b, 1).float()
+        with torch.no_grad():
+            raw, c_skip, c_out = self._raw(flat, s)
+            d = self.centre + c_skip * (flat - self.centre) + c_out * raw
+        return d.reshape(x_noisy.shape).to(x_noisy.dtype)
+
+    def update(self, x, sigma, cond, cameras=None):
+        """``updates`` denoising-loss steps on the detached renders at noise ``sigma``; the last loss."""
+        x = x.detach().float()
+        if self.net is None:
+            self._start(x)
+        assert self.optimiser is not None
+        b = x.shape[0]
+        flat = x.reshape(b, -1)
+        s = as_sigma(sigma, flat).reshape(b, 1).float()
+        loss = torch.zeros(())
+        for _ in range(self.updates):
+            n = upload(torch.randn(flat.shape, generator=self.generator), flat.device)
+            noisy = flat + s * n
+            with torch.enable_grad():
+                raw, c_skip, c_out = self._raw(noisy, s)
+                target = (flat - self.centre - c_skip * (noisy - self.centre)) / c_out
+                loss = torch.nn.functional.mse_loss(raw, target)
+                self.optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimiser.step()
+        return loss.detach()
+
+    def state_dict(self):
+        """Network, optimiser, normalisation and noise generator (empty before the first call)."""
+        if self.net is None:
+            return {}
+        assert self.optimiser is not None
+        return {"net": copy.deepcopy(self.net.state_dict()), "optimiser": copy.deepcopy(self.optimiser.state_dict()),
+                "centre": self.centre, "scale": self.scale, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        """Restore what state_dict() returned."""
+        if not state:
+            return
+        if self.net is None:
+            self._build(state["net"]["4.weight"].shape[0], torch.device("cpu"))
+        assert self.net is not None and self.optimiser is not None
+        self.net.load_state_dict(state["net"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        self.centre, self.scale = float(state["centre"]), float(state["scale"])
+        self.generator.set_state(state["generator"])
 
 
 class CameraEmbedding(torch.nn.Module):

@@ -10,11 +10,15 @@ a flat-coloured texture atlas. Everything is normalised into the unit box like a
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..export.mesh import MeshData, MeshError
+
+log = logging.getLogger(__name__)
 
 #: Largest extent of a normalised reference object (a margin inside the box [-0.5, 0.5]^3).
 NORMALISED_EXTENT = 0.8
@@ -148,11 +152,78 @@ def normalise(mesh: MeshData, extent: float = NORMALISED_EXTENT) -> MeshData:
     return MeshData(v.astype(np.float32), mesh.faces.astype(np.int32), mesh.normals, mesh.uvs, mesh.texture)
 
 
-def load_reference(path: str | Path) -> tuple[MeshData, np.ndarray | None]:
-    """Load any mesh file trimesh reads, normalised; returns the mesh and per-vertex RGB (or None).
+class LoadedReference(NamedTuple):
+    """A reference mesh file as the renderer takes it, and where its colour came from."""
+
+    mesh: MeshData
+    vertex_colours: np.ndarray | None      # (V, 3) in [0, 1] when the file has no texture
+    colours_from: str                     # one of COLOUR_SOURCES
+
+
+#: Where a loaded reference's colour came from ("none": the file has no colour; it is rendered grey).
+COLOUR_SOURCES = ("texture", "vertex colours", "face colours", "material colour", "none")
+#: The grey of a reference file without colour.
+NO_COLOUR_GREY = 0.7
+
+
+def _rgb01(rgba: Any) -> np.ndarray:
+    """trimesh's uint8 RGB(A) colours (any leading shape) as float RGB in [0, 1]."""
+    return np.asarray(rgba, dtype=np.float32)[..., :3] / 255.0
+
+
+def _texture_image(material: Any) -> Any:
+    """The base colour image of a trimesh material (PBR or simple), if any."""
+    image = getattr(material, "baseColorTexture", None)
+    return image if image is not None else getattr(material, "image", None)
+
+
+def _material_colour(material: Any) -> np.ndarray | None:
+    """A material's flat base colour when the file sets one: glTF's baseColorFactor, an MTL's Kd."""
+    from trimesh.visual.material import PBRMaterial, SimpleMaterial
+
+    if isinstance(material, PBRMaterial):
+        factor = material.baseColorFactor
+        return None if factor is None else _rgb01(factor)
+    if isinstance(material, SimpleMaterial):
+        return _rgb01(material.diffuse)  # trimesh makes a SimpleMaterial only from an MTL
+    return None
+
+
+def _read_colours(loaded: Any, verts: np.ndarray, faces: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None, str]:
+    """(vertices, faces, uvs, texture, vertex colours, source) from every kind of trimesh visual.
+
+    Face colours become per-corner vertex colours (each triangle gets its own three vertices), so
+    each face keeps its flat colour instead of blurring into its neighbours.
+    """
+    visual = loaded.visual
+    kind = getattr(visual, "kind", None)
+    material = getattr(visual, "material", None)
+    if kind == "texture":
+        image = _texture_image(material)
+        if image is not None and getattr(visual, "uv", None) is not None and len(visual.uv) == len(verts):
+            tex = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            factor = getattr(material, "baseColorFactor", None)
+            if factor is not None and np.any(np.asarray(factor)[:3] < 255):  # glTF: colour = factor * texture
+                tex = (tex.astype(np.float32) * _rgb01(factor) + 0.5).astype(np.uint8)
+            return verts, faces, np.asarray(visual.uv, dtype=np.float32), tex, None, "texture"
+        flat = _material_colour(material)
+        if flat is not None:
+            return verts, faces, None, None, np.tile(flat, (len(verts), 1)), "material colour"
+    elif kind == "vertex":
+        return verts, faces, None, None, _rgb01(visual.vertex_colors), "vertex colours"
+    elif kind == "face":
+        corner_colours = np.repeat(_rgb01(visual.face_colors), 3, axis=0)
+        split_faces = np.arange(3 * len(faces), dtype=np.int32).reshape(-1, 3)
+        return verts[faces.reshape(-1)], split_faces, None, None, corner_colours, "face colours"
+    return verts, faces, None, None, np.full((len(verts), 3), NO_COLOUR_GREY, dtype=np.float32), "none"
+
+
+def load_reference(path: str | Path) -> LoadedReference:
+    """Load any mesh file trimesh reads, normalised, with its colour (texture, vertex, face or material).
 
     glTF/GLB files are Y-up and are turned to the project's Z-up; other formats are taken as Z-up.
-    A textured file keeps its UVs and texture; otherwise its vertex or face colours (or grey).
+    A file without any colour is rendered grey, and the log says so (``colours_from == "none"``).
     """
     import trimesh
 
@@ -168,20 +239,11 @@ def load_reference(path: str | Path) -> tuple[MeshData, np.ndarray | None]:
     verts = np.asarray(loaded.vertices, dtype=np.float64)
     if p.suffix.lower() in (".glb", ".gltf"):
         verts = np.stack([verts[:, 0], -verts[:, 2], verts[:, 1]], axis=1)
-    uvs = tex = colours = None
-    visual = loaded.visual
-    if getattr(visual, "kind", None) == "texture" and getattr(visual, "uv", None) is not None:
-        image = getattr(visual.material, "baseColorTexture", None) or getattr(visual.material, "image", None)
-        if image is not None:
-            uvs = np.asarray(visual.uv, dtype=np.float32)
-            tex = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    if tex is None:
-        try:
-            colours = np.asarray(visual.to_color().vertex_colors, dtype=np.float32)[:, :3] / 255.0
-        except Exception:
-            colours = None
-        if colours is None or len(colours) != len(verts):
-            colours = np.full((len(verts), 3), 0.7, dtype=np.float32)
-    mesh = MeshData(verts.astype(np.float32), np.asarray(loaded.faces, dtype=np.int32), uvs=uvs, texture=tex)
+    faces = np.asarray(loaded.faces, dtype=np.int32)
+    verts, faces, uvs, tex, colours, source = _read_colours(loaded, verts, faces)
+    if source == "none":
+        log.warning("reference file %s has no colour (no texture, vertex, face or material colour): it is "
+                    "rendered grey", p)
+    mesh = MeshData(verts.astype(np.float32), faces.astype(np.int32), uvs=uvs, texture=tex)
     mesh.validate()
-    return normalise(mesh), colours
+    return LoadedReference(normalise(mesh), colours, source)

@@ -32,12 +32,10 @@ socket thread. So a 256 MiB upload never holds up a ping.
 from __future__ import annotations
 
 import collections
-import ipaddress
 import logging
 import os
 import queue
 import time
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
@@ -47,6 +45,7 @@ import zmq
 from dreamflow_protocol import (DEFAULT_LIMITS, METHODS, PROTOCOL_VERSION, START_STAGES, Limits, Message, ProtocolError, decode,
                                 encode, new_id, validate_message)
 from dreamflow_protocol.codec import check_contents
+from dreamflow_protocol.endpoints import is_local_endpoint
 from dreamflow_protocol.schema import REQUEST_TYPES
 from dreamflow_protocol.wake import Doorbell
 
@@ -76,22 +75,6 @@ class ServerConfigError(RuntimeError):
     """The server cannot start with these settings (the reason in words)."""
 
 
-def is_loopback(endpoint: str) -> bool:
-    """True for ipc://, inproc:// and tcp:// endpoints on a loopback address."""
-    scheme, _, rest = endpoint.partition("://")
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    host = urllib.parse.urlsplit(f"//{rest}").hostname or rest.rsplit(":", 1)[0]
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # "*", an interface name, or a host name: not provably local
-
-
 def transport_cap(limits: Limits) -> int:
     """The largest single frame ZeroMQ accepts before it drops the connection."""
     return max(2 * limits.max_frame_bytes, limits.max_frame_bytes + 1024 * 1024)
@@ -106,7 +89,7 @@ class Server:
                  models_dirs: Iterable[str | Path] = (), max_steps: int | None = None, max_resolution: int | None = None,
                  peer_timeout: float = 120.0, max_queued_bytes: int = 512 * 1024 * 1024,
                  job_runner: JobRunnerFactory | None = None) -> None:
-        if not is_loopback(bind) and keys is None:
+        if not is_local_endpoint(bind) and keys is None:
             raise ServerConfigError(f"refusing to bind {bind}: it is reachable from other machines, and remote use needs "
                                     f"authentication; make keys with `dreamflow keys --out DIR` and pass --keys DIR")
         if keep_jobs is not None and keep_jobs < 1:
