@@ -163,12 +163,10 @@ def _preview() -> JobConfig:
         prior=PriorConfig(kind="reference"),
         # Stage 1 on a CPU: every level of a 6-level grid up to 64^3 fits its table (dense indexing,
         # no hashing), 48 samples per ray, 3x the paper's grid and 10x its MLP learning rates for the
-        # short run, a lower iso-level for the softer short-run field (Chamfer 0.038 at level 10 ->
-        # 0.023 at 4), and no orientation loss (its finite-difference normals would triple the
-        # density evaluations). 600 steps: the field's surface sharpens with steps, and the final
-        # asset's quality follows it (house, quiet 2-core CPU: 240 steps 71 s, mesh 17.6 dB / 0.0228,
-        # final 22.2 dB / 0.0187; 400: 121 s, 18.4 / 0.0188, final 23.1 / 0.0164; 600: 206 s,
-        # 19.6 / 0.0158, final 25.2 / 0.0170).
+        # short run, a lower iso-level for the softer short-run field, and no orientation loss (its
+        # finite-difference normals would triple the density evaluations). 600 steps: the field's
+        # surface sharpens with steps, and the final asset's quality follows it. The measurements
+        # behind each choice: bench/NOTES.md, "How the preview preset was tuned".
         stage1=replace(NerfStageConfig(), steps=600, resolution=64, samples_per_ray=48,
                        grid=HashGridConfig(levels=6, log2_table_size=18, features_per_level=2, base_resolution=8,
                                            max_resolution=64),
@@ -176,16 +174,12 @@ def _preview() -> JobConfig:
                        preview_every=25, mesh_every=100, mesh_resolution=96, mesh_level=4.0,
                        occupancy_resolution=32, occupancy_every=8,
                        method=MethodConfig(schedule=TimestepSchedule("decreasing", 1.0, 0.2, 1), score_model="exact")),
-        # Stages 2b-3 cost 0.02-0.15 s of CPU per step (measured); the few texture steps of a preview
-        # need larger steps than the paper's 2000, hence the raised 2b learning rates; stage 3 only
-        # fine-tunes (measured on the house: 3e-2 lost 0.35 dB there, 3e-3 keeps or gains).
-        # 2a starts at stage 1's own export level (its mesh is the best-Chamfer surface of the field:
-        # 0.023 at 4 vs 0.031 at 2 and 0.036 at 8), and sees 256 px normal maps: its only pull on
-        # wall positions is the one-pixel antialiased silhouette, so finer pixels converge further
-        # (house, 300 steps: Chamfer 0.0202 at 192 px, 0.0189 at 256, 0.0184 at 384 at 2.5x the cost).
-        # No smoothness regularisers in the preview: they round the object's edges and corners on its
-        # coarse 48-cell grid, where the normal maps alone converge well (house: Chamfer 0.0170 with
-        # both at 1e-3, worse than stage 1's 0.0158; 0.0121 without them).
+        # The few texture steps of a preview need larger steps than the paper's 2000, hence the raised
+        # 2b learning rates; stage 3 only fine-tunes. 2a starts at stage 1's own export level (its mesh
+        # is the best-Chamfer surface of the field) and sees 256 px normal maps: its only pull on wall
+        # positions is the one-pixel antialiased silhouette, so finer pixels converge further. No
+        # smoothness regularisers in the preview: they round the object's edges and corners on its
+        # coarse 48-cell grid, where the normal maps alone converge well. Figures: bench/NOTES.md.
         geometry=replace(GeometryStageConfig(), steps=300, resolution=256, tet_resolution=48, lr=3e-3, init_level=4.0,
                          normal_consistency_weight=0.0, laplacian_weight=0.0,
                          preview_every=25, mesh_every=50,
