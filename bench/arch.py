@@ -109,17 +109,16 @@ def build_prior(arch: str, device: torch.device | str = "cpu", dtype: torch.dtyp
 
     from dreamflow.priors.sdxl_refiner import SdxlRefinerConditioner, SdxlRefinerPrior
     from dreamflow.priors.stable_diffusion import ClipTextConditioner, StableDiffusionPrior
-    from dreamflow.priors.tiny import clip_tokenizer, tiny_sdxl_refiner, tiny_stable_diffusion
+    from dreamflow.priors.tiny import clip_tokenizer, tiny_model_folder
 
     device = torch.device(device)
     if arch in ("tiny", "tiny-refiner"):
         folder = Path(workdir or tempfile.mkdtemp(prefix="dreamflow-bench-"))
         if arch == "tiny":
-            pred = prediction_type or "epsilon"
-            path = tiny_stable_diffusion(folder / f"tiny-sd-{pred}", prediction_type=pred, seed=seed)
+            path = tiny_model_folder(folder, "prior", prediction_type or "epsilon", seed=seed)
             return StableDiffusionPrior.from_pretrained(str(path), device=device, dtype=_dtype_name(dtype),
                                                         local_files_only=True, encode_size=encode_size)
-        path = tiny_sdxl_refiner(folder / "tiny-refiner", seed=seed)
+        path = tiny_model_folder(folder, "refiner", seed=seed)
         return SdxlRefinerPrior.from_pretrained(str(path), device=device, dtype=_dtype_name(dtype),
                                                 local_files_only=True, encode_size=encode_size)
     if arch not in ARCHS:

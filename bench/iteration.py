@@ -1,7 +1,9 @@
 """Milliseconds per iteration of each stage at the paper's settings, against the diffusion model's own cost.
 
-Runs real iterations of the real code: the stage's Problem (NeRF volume render, DMTet normal maps,
-colour field on a mesh), the real prior class (``StableDiffusionPrior`` / ``SdxlRefinerPrior``)
+Runs real iterations of the real code: the pipeline's own stage objects (pipeline/job.py
+``STAGES``, the ones ``run_job`` runs) build the stage's run exactly as a job does (its Problem:
+NeRF volume render, DMTet normal maps, colour field on a mesh; its D_phi; its loop and memory
+ladder), from the job settings of the preset, on the real prior class (``StableDiffusionPrior`` / ``SdxlRefinerPrior``)
 built with the real architecture and random weights (bench/arch.py: same FLOPs, no download),
 the real LoRA score model, and the one loop (``Distillation.run``, so its per-step NaN guard and
 rollback snapshots are counted too). Nothing in the loop changes: the parts are timed by wrapping
@@ -28,6 +30,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -43,11 +46,12 @@ except ImportError:  # pragma: no cover - script mode
 
 from dreamflow.config import parse_cli_overrides
 from dreamflow.fastpath import FastPath, apply_fast_path, choose_dtype, for_device
-from dreamflow.methods.loop import Distillation, LoopConfig
-from dreamflow.methods.registry import build_method
-from dreamflow.pipeline.config import build_config
-from dreamflow.priors.base import IdentityScoreModel
-from dreamflow.scene.cameras import CameraSampler
+from dreamflow.methods.loop import Distillation
+from dreamflow.pipeline.config import JobConfig, build_config
+from dreamflow.pipeline.context import JobContext
+from dreamflow.pipeline.handoff import InputMesh
+from dreamflow.pipeline.job import STAGES as JOB_STAGES
+from dreamflow.pipeline.stage_loop import Stage, StageModels, StageRun
 
 STAGES: tuple[str, ...] = ("1", "2a", "2b", "3")
 #: The paper's iteration counts (DreamFlow, section 4 / appendix): what a stage's time projects to.
@@ -170,12 +174,26 @@ def _hook(tensor: torch.Tensor, timers: Timers, name: str) -> None:
 
 @dataclass
 class StageBench:
-    """A built stage: the loop and what the table reports about its settings."""
+    """A built stage: the pipeline's own run of it (the loop a job steps) and what the table reports."""
 
-    loop: Distillation
+    run: StageRun
     settings: dict[str, Any]
     fast_path: list[str]
-    memory_fallbacks: list[str]
+    memory_fallbacks: list[str]   # the run's memory ladder: what had to be applied
+
+    @property
+    def loop(self) -> Distillation:
+        """The stage's loop, as run_job steps it."""
+        return self.run.loop
+
+
+#: The bench's stage names -> the pipeline's stage objects (pipeline/job.py STAGES).
+PIPELINE_STAGE = {"1": "stage1", "2a": "geometry", "2b": "texture", "3": "refine"}
+
+
+def pipeline_stage(stage: str) -> Stage:
+    """The stage object run_job uses for the bench's ``stage`` ("1", "2a", "2b", "3")."""
+    return {st.name: st for st in JOB_STAGES}[PIPELINE_STAGE[stage]]
 
 
 def _check_arch(stage: str, arch: str) -> None:
@@ -187,28 +205,36 @@ def _check_arch(stage: str, arch: str) -> None:
         raise SystemExit(f"stage {stage} distils from SD 2.1: use --arch sd21 (or tiny)")
 
 
-def _sphere_dmtet(resolution: int, device: torch.device, radius: float = 0.35):
+def sphere_input(job: JobConfig, device: torch.device, radius: float = 0.35) -> InputMesh:
+    """What the mesh stages start from in the bench: a sphere's surface on the geometry stage's tet
+    grid, given to the stage as a job's input mesh is."""
+    from dreamflow.pipeline.mesh_stage import surface_mesh
     from dreamflow.scene.dmtet import DMTet
 
-    dmtet = DMTet(resolution, device=device)
+    dmtet = DMTet(job.geometry.tet_resolution, device=device)
     dmtet.set_sdf(dmtet.grid.vertices.norm(dim=-1) - radius)
-    return dmtet
+    with torch.no_grad():
+        v, f = dmtet.mesh()
+    return InputMesh(mesh=surface_mesh(v, f))
+
+
+def bench_job(s: BenchSettings) -> JobConfig:
+    """The job settings the bench's stage is built from: the preset with the overrides and the bench's prompt."""
+    return replace(build_config(s.preset, s.overrides), prompt=PROMPT, negative_prompt="", seed=s.seed,
+                   device=s.device)
 
 
 def build_stage(s: BenchSettings) -> StageBench:
-    """The stage's problem, prior, score model and loop at the preset's settings."""
+    """The pipeline's stage object built at the preset's settings on the bench's prior (the real
+    architecture with random weights): the same problem, D_phi, loop and memory ladder a job runs."""
+    from dreamflow.events import JobControl, NullSink
     from dreamflow.memory import free_memory
-    from dreamflow.pipeline.memory_plan import (ChunkedNerfProblem, gpu_budget_bytes, install_stage_fallback,
-                                                plan_ray_chunk)
-    from dreamflow.pipeline.stage1 import NerfProblem, field_settings
-    from dreamflow.pipeline.stage2 import GeometryProblem, TextureProblem, geometry_prior, new_texture_field
-    from dreamflow.priors.score_models import LoraScoreModel
-    from dreamflow.scene.nerf import NerfField
 
     _check_arch(s.stage, s.arch)
     device = torch.device(s.device)
-    job = build_config(s.preset, s.overrides)
-    stage_cfg = {"1": job.stage1, "2a": job.geometry, "2b": job.texture, "3": job.refine}[s.stage]
+    job = bench_job(s)
+    stage = pipeline_stage(s.stage)
+    stage_cfg = getattr(job, stage.config_attr)
     # --no-fast is the "before" of every measurement: float32, unfused attention, nothing offloaded.
     fast = replace(for_device(device), compile_unet=s.compile) if s.fast else FastPath(sdpa=False, offload_text_encoder=False)
     dtype = choose_dtype(device, s.dtype if s.fast else "float32")
@@ -219,66 +245,44 @@ def build_stage(s: BenchSettings) -> StageBench:
     encode_size = 512 if arch == "sd21" else None
     prior = arch_mod.build_prior(arch, device, dtype, encode_size=encode_size, seed=s.seed, workdir=s.workdir)
     applied = apply_fast_path(prior, fast, device)
-    method_cfg = stage_cfg.method
+    phi_base = None
+    if s.phi_base == "separate" and s.stage != "3" and stage_cfg.method.score_model == "lora":
+        # DreamFlow's D_phi base is SD 2.1-v: a second UNet of the same shape (no VAE needed).
+        phi_base = arch_mod.build_prior(arch, device, dtype, seed=s.seed + 7, workdir=s.workdir,
+                                        prediction_type="v_prediction")
+        phi_base.vae = None
+        applied += [f"phi:{a}" for a in apply_fast_path(phi_base, fast, device)]
+    out_dir = Path(s.workdir) if s.workdir else Path(tempfile.mkdtemp(prefix="dreamflow-bench-"))
+    ctx = JobContext(job, out_dir, NullSink(), JobControl(), device, stage_names=[stage.name])
+    incoming = None if s.stage == "1" else sphere_input(job, device)
+    run = stage.build(ctx, incoming, StageModels(prior, phi_base))
+    problem = run.problem
     views = stage_cfg.views_per_iteration
     extra: dict[str, Any] = {}
-
     if s.stage == "1":
-        problem = ChunkedNerfProblem.wrap(NerfProblem(NerfField(field_settings(stage_cfg), device, seed=s.seed),
-                                                      stage_cfg, device, s.seed))
-        levels = stage_cfg.grid.levels
-        rays = views * stage_cfg.resolution ** 2
-        if s.ray_chunk == "auto":
-            problem.ray_chunk = plan_ray_chunk(rays, stage_cfg.samples_per_ray, levels, gpu_budget_bytes(device))
-        elif s.ray_chunk != "none":
+        if s.ray_chunk == "none":
+            problem.ray_chunk = None
+        elif s.ray_chunk != "auto":  # "auto": the stage's own plan for the memory budget
             problem.ray_chunk = int(s.ray_chunk)
         # Steady state of a run: the empty-space grid has seen the field once (step 16 on).
         problem.occupancy.update(problem.field.density, problem.generator)
         extra.update(samples_per_ray=stage_cfg.samples_per_ray, ray_chunk=problem.ray_chunk or "all",
                      occupied=round(problem.occupancy.occupied_fraction(), 3))
     elif s.stage == "2a":
-        dmtet = _sphere_dmtet(stage_cfg.tet_resolution, device)
-        problem = GeometryProblem(dmtet, stage_cfg.resolution, stage_cfg.lr, stage_cfg.normal_consistency_weight,
-                                  stage_cfg.laplacian_weight)
-        prior = geometry_prior(prior)
         extra.update(tet_resolution=stage_cfg.tet_resolution)
     else:
-        with torch.no_grad():
-            v, f = _sphere_dmtet(job.geometry.tet_resolution, device).mesh()
-        texture_field = new_texture_field(stage_cfg, device, s.seed)
-        problem = TextureProblem(v.detach(), f, texture_field, stage_cfg.resolution, stage_cfg.lr_grid, stage_cfg.lr_mlp)
-        extra.update(faces=int(f.shape[0]))
-
-    if method_cfg.score_model == "identity":
-        score_model = IdentityScoreModel()
-    else:
-        phi_base = None
-        if s.phi_base == "separate" and s.stage != "3":
-            # DreamFlow's D_phi base is SD 2.1-v: a second UNet of the same shape (no VAE needed).
-            phi_base = arch_mod.build_prior(arch, device, dtype, seed=s.seed + 7, workdir=s.workdir,
-                                            prediction_type="v_prediction")
-            phi_base.vae = None
-            applied += [f"phi:{a}" for a in apply_fast_path(phi_base, fast, device)]
-        cfg = job.prior
-        score_model = LoraScoreModel(prior, phi_base=phi_base, rank=cfg.lora_rank, lr=cfg.lora_lr,
-                                     camera_embedding=cfg.camera_embedding, seed=s.seed,
-                                     adapter_name=f"dreamflow_phi_bench_{s.stage}")
-    cond = prior.condition(PROMPT, "", method_cfg.guidance)
+        extra.update(faces=int(problem.faces.shape[0]))
     free_memory()
-    sampler = CameraSampler(stage_cfg.cameras, seed=s.seed, device=device)
-    loop = Distillation(problem, build_method(method_cfg, s.seed), prior, score_model, cond, sampler,
-                        LoopConfig(stage_cfg.steps, views), seed=s.seed)
-    fallbacks: list[str] = []
-    install_stage_fallback(loop, lambda what, why: fallbacks.append(what))
-    latent = (stage_cfg.resolution if encode_size is None else encode_size) // 8 if prior.is_latent else None
-    trainable = getattr(score_model, "trainable", False)
+    loop = run.loop
+    latent = (stage_cfg.resolution if encode_size is None else encode_size) // 8 if loop.prior.is_latent else None
+    trainable = getattr(loop.score_model, "trainable", False)
     info = dict(stage=s.stage, name=STAGE_NAMES[s.stage], arch=s.arch, device=str(device), preset=s.preset,
                 dtype=str(dtype).replace("torch.", ""), resolution=stage_cfg.resolution, views=views,
                 cfg_batch=2 * views, latent=f"{latent}x{latent}" if latent else "-",
-                score_model=type(score_model).__name__ + (" (trained)" if trainable else ""),
+                score_model=type(loop.score_model).__name__ + (" (trained)" if trainable else ""),
                 phi_base=s.phi_base if trainable else "-", unet_params_m=round(arch_mod.parameter_count(prior.unet) / 1e6, 1),
                 **extra)
-    return StageBench(loop, info, applied, fallbacks)
+    return StageBench(run, info, applied, run.ladder.applied)
 
 
 def _instrument(loop: Distillation, timers: Timers, captured: dict[str, torch.Tensor]) -> None:

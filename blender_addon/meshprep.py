@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
+from dreamflow_protocol.meshcheck import check_mesh
 
 MAX_VERTICES = 20_000_000
 MAX_FACES = 40_000_000
@@ -28,7 +29,8 @@ class ImportError_(ValueError):
 
 
 def check_mesh_arrays(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Check a mesh message's arrays (shapes, dtypes, finiteness, index range); return canonical copies.
+    """Check a mesh message's arrays (dreamflow_protocol.meshcheck, and no triangle that repeats a
+    vertex); return canonical copies.
 
     Raises :class:`ImportError_` naming what is wrong; nothing in Blender is touched.
     """
@@ -40,33 +42,15 @@ def check_mesh_arrays(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
         f = np.asarray(arrays["faces"])
     except (TypeError, ValueError) as exc:
         raise ImportError_(f"mesh arrays are not numeric: {exc}") from None
-    if v.ndim != 2 or v.shape[1] != 3 or not 0 < len(v) <= MAX_VERTICES:
-        raise ImportError_(f"vertices must be an (N, 3) array with 0 < N <= {MAX_VERTICES}, got shape {v.shape}")
-    if f.ndim != 2 or f.shape[1] != 3 or not 0 < len(f) <= MAX_FACES:
-        raise ImportError_(f"faces must be an (M, 3) array of triangles with 0 < M <= {MAX_FACES}, got shape {f.shape}")
-    if not np.issubdtype(f.dtype, np.integer):
-        raise ImportError_(f"faces must hold integers, got {f.dtype}")
-    f = np.ascontiguousarray(f, dtype=np.int32)
-    if not np.isfinite(v).all():
-        raise ImportError_("vertices contain NaN or infinite coordinates")
-    lo, hi = int(f.min()), int(f.max())
-    if lo < 0 or hi >= len(v):
-        raise ImportError_(f"face indices must lie in [0, {len(v) - 1}], found {lo}..{hi}")
     # A triangle that repeats a vertex is invalid in Blender (it would need mesh.validate(), which
     # costs more than the whole build); marching cubes never produces one, so it is an error here.
-    degenerate = (f[:, 0] == f[:, 1]) | (f[:, 1] == f[:, 2]) | (f[:, 2] == f[:, 0])
-    if degenerate.any():
-        raise ImportError_(f"{int(degenerate.sum())} triangles repeat a vertex")
-    out = {"vertices": v, "faces": f}
-    for name, width in (("normals", 3), ("uvs", 2)):
-        if arrays.get(name) is None:
-            continue
-        a = np.ascontiguousarray(arrays[name], dtype=np.float32)
-        if a.shape != (len(v), width):
-            raise ImportError_(f"{name} must be ({len(v)}, {width}) per vertex, got {a.shape}")
-        if not np.isfinite(a).all():
-            raise ImportError_(f"{name} contain NaN or infinite values")
-        out[name] = a
+    normals, uvs = arrays.get("normals"), arrays.get("uvs")
+    check_mesh(v, f, normals, uvs, error=ImportError_, allow_degenerate=False, max_vertices=MAX_VERTICES,
+               max_faces=MAX_FACES)
+    out = {"vertices": v, "faces": np.ascontiguousarray(f, dtype=np.int32)}
+    for name, a in (("normals", normals), ("uvs", uvs)):
+        if a is not None:
+            out[name] = np.ascontiguousarray(a, dtype=np.float32)
     if arrays.get("texture") is not None:
         out["texture"] = check_image(arrays["texture"], "texture")
     return out

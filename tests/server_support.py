@@ -85,3 +85,20 @@ def collect(client: Client, job: str, timeout: float = 30.0, stop: Callable[[Mes
         if msg.type in TERMINAL_TYPES or (stop is not None and stop(msg)):
             return events
     raise AssertionError(f"job {job} did not finish within {timeout} s; got {[m.type for m in events]}")
+
+
+def assert_glb_holds_the_final_mesh(glb: bytes, final_mesh_arrays: dict, folder) -> None:
+    """A fetched model.glb is the job's final asset: the faces, vertices, UVs and texture of the
+    job's last ``mesh`` event with ``final`` set (read back by the project's GLB reader)."""
+    import numpy as np
+
+    from dreamflow.export.files import read_glb
+
+    path = folder / "fetched.glb"
+    path.write_bytes(bytes(glb))
+    back = read_glb(path)
+    want = dict(final_mesh_arrays)
+    assert np.array_equal(back.faces, want["faces"])
+    assert np.allclose(back.vertices, want["vertices"], atol=1e-6)
+    assert want.get("uvs") is not None and np.allclose(back.uvs, want["uvs"], atol=1e-6)
+    assert want.get("texture") is not None and np.array_equal(back.texture, want["texture"])

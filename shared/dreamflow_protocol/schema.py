@@ -282,8 +282,9 @@ IMAGE_ARRAYS: dict[str, ArraySpec] = {"image": ArraySpec(("uint8",), (None, None
 
 
 def check_mesh_arrays(arrays: Mapping[str, Any], where: str, required: bool) -> None:
-    """Cross-array checks of a mesh: both core arrays, matching rows, finite values, faces in range."""
-    import numpy as np
+    """Cross-array checks of a mesh: both core arrays, matching rows, finite values, faces in range
+    (meshcheck.check_mesh; a triangle that repeats a vertex is allowed on the wire)."""
+    from .meshcheck import check_mesh
 
     present = [n for n in ("vertices", "faces") if n in arrays]
     if not present and not required and not (set(arrays) & set(MESH_ARRAYS)):
@@ -291,19 +292,8 @@ def check_mesh_arrays(arrays: Mapping[str, Any], where: str, required: bool) -> 
     if len(present) != 2:
         missing = {"vertices", "faces"} - set(present)
         raise ProtocolError(f"{where}: a mesh needs both vertices and faces; missing {', '.join(sorted(missing))}")
-    v, f = arrays["vertices"], arrays["faces"]
-    n = v.shape[0]
-    if n == 0 or f.shape[0] == 0:
-        raise ProtocolError(f"{where}: mesh is empty ({n} vertices, {f.shape[0]} faces)")
-    for name in ("normals", "uvs"):
-        if name in arrays and arrays[name].shape[0] != n:
-            raise ProtocolError(f"{where}: {name} has {arrays[name].shape[0]} rows but there are {n} vertices")
-    for name in ("vertices", "normals", "uvs"):
-        if name in arrays and not np.isfinite(arrays[name]).all():
-            raise ProtocolError(f"{where}: {name} contain NaN or infinite values")
-    lo, hi = int(f.min()), int(f.max())
-    if lo < 0 or hi >= n:
-        raise ProtocolError(f"{where}: face indices must lie in [0, {n - 1}], found {lo}..{hi}")
+    check_mesh(arrays["vertices"], arrays["faces"], arrays.get("normals"), arrays.get("uvs"),
+               error=lambda message: ProtocolError(f"{where}: {message}"))
 
 
 # --------------------------------------------------------------------------------------------

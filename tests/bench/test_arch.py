@@ -32,4 +32,10 @@ def test_published_parameter_counts():
 def test_tiny_prior_is_the_project_prior_class(tiny_prior):
     from dreamflow.priors.stable_diffusion import StableDiffusionPrior
 
-    assert isinstance(tiny_prior, StableDiffusionPrior) and tiny_prior.is_latent
+    assert type(tiny_prior) is StableDiffusionPrior and tiny_prior.is_latent
+    # ... and it does what the loop asks of a prior: renders -> latents -> a guided denoise of them.
+    latents = tiny_prior.encode(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    sigma = tiny_prior.sigma(0.5)
+    out = tiny_prior.denoise(latents + sigma * torch.randn_like(latents), sigma, tiny_prior.condition("a house", "", 7.5))
+    assert latents.shape[:2] == (2, 4) and out.shape == latents.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, latents)

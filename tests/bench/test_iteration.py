@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+
 import pytest
+import torch
 
 from bench.iteration import PAPER_ITERATIONS, PARTS, BenchSettings, _check_arch, format_table, main, run_bench
 from dreamflow.pipeline.config import build_config
@@ -13,11 +15,17 @@ from dreamflow.pipeline.config import build_config
 STAGE_CONFIG = {"1": "stage1", "2a": "geometry", "2b": "texture", "3": "refine"}
 
 
+def lora(stage: str) -> dict[str, str] | None:
+    """The smoke preset distils against the exact score model; the bench's tables are about the
+    LoRA D_phi of the paper preset, so these runs ask the stage for it (2a keeps D_phi = x)."""
+    return None if stage == "2a" else {f"{STAGE_CONFIG[stage]}.method.score_model": "lora"}
+
+
 @pytest.fixture(scope="module")
 def results(bench_workdir):
     """One short run of each stage at the smoke preset (the smallest settings of every path)."""
     return {stage: run_bench(BenchSettings(stage=stage, arch="tiny", device="cpu", preset="smoke", iters=1,
-                                           warmup=0, workdir=str(bench_workdir)))
+                                           warmup=0, workdir=str(bench_workdir), overrides=lora(stage)))
             for stage in ("1", "2a", "2b", "3")}
 
 
@@ -68,7 +76,7 @@ def test_bfloat16_stage_runs_clean(bench_workdir, stage):
     """The GPU's default precision through a whole stage iteration (render, encode, guided prior,
     D_phi and its update, 3D backward), here on CPU: finite losses and gradients, nothing undone."""
     r = run_bench(BenchSettings(stage=stage, arch="tiny", device="cpu", preset="smoke", iters=2, warmup=0,
-                                dtype="bfloat16", workdir=str(bench_workdir)))
+                                dtype="bfloat16", workdir=str(bench_workdir), overrides=lora(stage)))
     assert r["settings"]["dtype"] == "bfloat16"
     assert r["numerics"] == {"rollbacks": 0, "nonfinite_steps": 0}
     assert "numerics (all iterations): 0 NaN rollbacks, 0 non-finite steps" in format_table(r)
@@ -167,3 +175,40 @@ def test_stage_and_architecture_must_match(stage, arch, ok):
     else:
         with pytest.raises(SystemExit, match="use --arch"):
             _check_arch(stage, arch)
+
+
+def test_the_bench_times_the_stage_objects_a_job_runs(bench_workdir, monkeypatch):
+    """The bench builds each stage through the very object run_job steps (pipeline/job.py STAGES),
+    and what it gets is what that object builds for a job of the same settings: the same problem
+    class, loop settings, timestep plan, method, camera ranges and D_phi kind."""
+    import dreamflow.pipeline.job as job
+    from bench.iteration import build_stage, pipeline_stage, sphere_input
+    from dreamflow.events import JobControl, NullSink
+    from dreamflow.pipeline.context import JobContext
+    from dreamflow.pipeline.stage_loop import StageModels
+
+    for stage in ("1", "2a", "2b", "3"):
+        settings = BenchSettings(stage=stage, arch="tiny", device="cpu", preset="smoke", iters=1, warmup=0,
+                                 workdir=str(bench_workdir))
+        obj = pipeline_stage(stage)
+        assert any(obj is s for s in job.STAGES)
+        calls = []
+        real_build = type(obj).build
+        monkeypatch.setattr(type(obj), "build", lambda self, *a, **k: calls.append(self) or real_build(self, *a, **k))
+        bench = build_stage(settings)
+        monkeypatch.undo()
+        assert calls == [obj], stage  # the job's own object built the bench's run
+        # The same object, given the context of a job of the same preset, builds the same run.
+        ctx = JobContext(build_config(settings.preset, settings.overrides), bench_workdir, NullSink(), JobControl(),
+                         torch.device("cpu"))
+        incoming = None if stage == "1" else sphere_input(ctx.config, ctx.device)
+        run = obj.build(ctx, incoming, StageModels(bench.loop.prior))
+        a, b = bench.loop, run.loop
+        assert type(a.problem) is type(b.problem) and type(a.method) is type(b.method), stage
+        assert a.config == b.config, stage
+        assert (a.method.name, a.method.schedule, type(a.method.rule)) == (b.method.name, b.method.schedule, type(b.method.rule))
+        assert [p.t for p in a.plan] == [p.t for p in b.plan], stage
+        assert a.cameras.ranges == b.cameras.ranges, stage
+        assert type(a.score_model) is type(b.score_model) and bench.run.score_name == run.score_name, stage
+        stage_cfg = getattr(ctx.config, obj.config_attr)
+        assert a.config.iterations == stage_cfg.steps and a.config.views_per_iteration == stage_cfg.views_per_iteration, stage

@@ -12,9 +12,9 @@ from dreamflow.memory import MemoryLadder, Saver, halving, install_oom_fallback,
 from dreamflow.methods.loop import Distillation, LoopConfig
 from dreamflow.methods.registry import build_method
 from dreamflow.pipeline.config import build_config
-from dreamflow.pipeline.memory_plan import (BYTES_PER_SAMPLE_PER_LEVEL, MIN_RAY_CHUNK, ChunkedNerfProblem,
-                                            install_stage_fallback, plan_ray_chunk, ray_chunk_for_budget)
-from dreamflow.pipeline.stage1 import field_settings
+from dreamflow.pipeline.memory_plan import (BYTES_PER_SAMPLE_PER_LEVEL, MIN_RAY_CHUNK, install_stage_fallback,
+                                            plan_ray_chunk, ray_chunk_for_budget)
+from dreamflow.pipeline.stage1 import NerfProblem, field_settings
 from dreamflow.priors.base import Conditioning, IdentityScoreModel, Prior
 from dreamflow.scene.cameras import CameraSampler
 from dreamflow.scene.nerf import NerfField
@@ -24,7 +24,7 @@ CFG = replace(build_config("smoke").stage1, resolution=8, samples_per_ray=16)
 
 def _problem(chunk, seed=0):
     field = NerfField(field_settings(CFG), "cpu", seed=seed)
-    return ChunkedNerfProblem(field, CFG, torch.device("cpu"), seed=seed, ray_chunk=chunk)
+    return NerfProblem(field, CFG, torch.device("cpu"), seed=seed, ray_chunk=chunk)
 
 
 def _render_and_grads(chunk):

@@ -8,14 +8,13 @@ id, the stream stays gap-free, and the job finishes with a GLB that loads.
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 
 import pytest
 import torch
-import trimesh
 from reliability_helpers import TINY_REAL_JOB, collect, serve, stop
+from server_support import assert_glb_holds_the_final_mesh
 
 from dreamflow.server import JobStore
 from dreamflow_protocol import Client
@@ -60,7 +59,8 @@ def test_sigkill_mid_stage_resumes_from_the_last_checkpoint_and_loses_nothing(tm
             again = collect(replay, job, timeout=60)
         assert [m.id for m in again] == [m.id for m in events], "a stored event changed across the restart"
         glb = client.fetch(job, names=["model.glb"])["model.glb"]
-        assert len(trimesh.load(io.BytesIO(glb.tobytes()), file_type="glb").geometry) >= 1
+        final = [m for m in again if m.type == "mesh" and m.fields.get("final")][-1]
+        assert_glb_holds_the_final_mesh(glb.tobytes(), final.arrays, tmp_path)
     finally:
         client.close()
         err = stop(proc)

@@ -6,6 +6,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+import zmq.utils.monitor
 from server_runners import StepRunner
 
 from dreamflow_protocol import PROTOCOL_VERSION, Limits, Message, decode, encode, new_id
@@ -95,8 +96,17 @@ def test_a_frame_beyond_the_transport_cap_drops_only_that_peer(make_server, make
     srv = make_server(limits=LIMITS)
     rogue = zmq.Context.instance().socket(zmq.DEALER)
     rogue.setsockopt(zmq.LINGER, 0)
-    rogue.connect(srv.endpoint)
-    rogue.send_multipart([_pack(_header()), b"\0" * (3 * 1024 * 1024)])  # far over MAXMSGSIZE: disconnected
-    rogue.close()
+    # The server itself must hang up on the rogue (its socket's MAXMSGSIZE): watch for it from
+    # the rogue's side instead of closing the rogue here.
+    monitor = rogue.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        rogue.connect(srv.endpoint)
+        rogue.send_multipart([_pack(_header()), b"\0" * (3 * 1024 * 1024)])  # far over MAXMSGSIZE
+        assert monitor.poll(30_000), "the server kept the connection of a peer that sent a frame over its cap"
+        assert zmq.utils.monitor.recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+    finally:
+        rogue.disable_monitor()
+        monitor.close()
+        rogue.close()
     client = make_client(srv.endpoint)
     assert client.ping() < 1.0

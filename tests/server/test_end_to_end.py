@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 
 import pytest
-import trimesh
-from server_support import RunningServer, collect
+from server_support import RunningServer, assert_glb_holds_the_final_mesh, collect
 
 from dreamflow.export.mesh import MeshData
 from dreamflow.server import Server
@@ -32,8 +30,7 @@ def test_a_smoke_job_streams_progress_previews_meshes_and_a_fetchable_glb(tmp_pa
             assert meshes[-1].fields["final"] and all(m.fields["object_id"] == "House" for m in meshes)
             MeshData.from_arrays(dict(meshes[-1].arrays)).validate()
             files = client.fetch(job, names=["model.glb"])
-            scene = trimesh.load(io.BytesIO(files["model.glb"].tobytes()), file_type="glb")
-            assert len(scene.geometry) >= 1
+            assert_glb_holds_the_final_mesh(files["model.glb"].tobytes(), meshes[-1].arrays, tmp_path)
             assert client.status(job)["state"] == "done"
     finally:
         srv.stop()

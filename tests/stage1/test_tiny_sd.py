@@ -27,7 +27,7 @@ def test_a_few_stage1_steps_with_tiny_stable_diffusion(tmp_path, one_thread):
     sink = RecordingSink()
     ctx = JobContext(cfg, tmp_path, sink, JobControl(), torch.device("cpu"), checkpoint_dir=tmp_path / "ckpt",
                      stage_names=["stage1"])
-    run_stage1(ctx)
+    result = run_stage1(ctx)
     prior = ctx.cache["prior"]
     assert prior.is_latent and prior.vae is not None
     done = sink.of_kind("stage_done")[-1][1]
@@ -38,10 +38,10 @@ def test_a_few_stage1_steps_with_tiny_stable_diffusion(tmp_path, one_thread):
     # gradients crossed it.
     fresh = NerfField(field_settings(cfg.stage1), seed=cfg.seed)
     with torch.no_grad():
-        assert all(torch.isfinite(p).all() for p in ctx.nerf.parameters())
-        moved = [float((a - b).abs().max()) for a, b in zip(ctx.nerf.grid_parameters(), fresh.grid_parameters())]
+        assert all(torch.isfinite(p).all() for p in result.field.parameters())
+        moved = [float((a - b).abs().max()) for a, b in zip(result.field.grid_parameters(), fresh.grid_parameters())]
     assert max(moved) > 0
     # The LoRA adapter of D_phi trained on the renders.
     lora = [p for n, p in prior.unet.named_parameters() if "dreamflow_phi_stage1" in n and "lora_B" in n]
     assert lora and max(float(p.abs().max()) for p in lora) > 0
-    assert ctx.mesh is not None and ctx.mesh.texture is not None
+    assert result.mesh.texture is not None and result.mesh.uvs is not None

@@ -10,7 +10,7 @@ from dreamflow.export.mesh import MeshData, MeshError
 from dreamflow.pipeline.config import build_config
 from dreamflow.pipeline.job import run_job
 from dreamflow.pipeline.refine_input import InputFrame, validate_input_mesh
-from dreamflow.pipeline.stage2 import textured_mesh
+from dreamflow.pipeline.mesh_stage import textured_mesh
 
 
 def _box() -> MeshData:

@@ -11,7 +11,7 @@ from dreamflow.pipeline.config import build_config
 from dreamflow.pipeline.context import JobContext
 from dreamflow.pipeline.job import run_job
 from dreamflow.pipeline.metrics import chamfer_relative
-from dreamflow.pipeline.stage2 import evaluate
+from dreamflow.pipeline.metrics import evaluate_mesh as evaluate
 from dreamflow.scene.reference_object import builtin_house
 
 

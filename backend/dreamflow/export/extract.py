@@ -94,15 +94,12 @@ def simplify(mesh: MeshData, face_budget: int) -> MeshData:
 
 
 def vertex_normals(mesh: MeshData) -> np.ndarray:
-    """Area-weighted unit vertex normals (N, 3) float32."""
-    v = mesh.vertices.astype(np.float64)
-    f = mesh.faces
-    fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
-    n = np.zeros_like(v)
-    for k in range(3):
-        np.add.at(n, f[:, k], fn)
-    norm = np.linalg.norm(n, axis=1, keepdims=True)
-    n = np.where(norm > 1e-20, n / np.maximum(norm, 1e-20), np.array([0.0, 0.0, 1.0]))
+    """Area-weighted unit vertex normals (N, 3) float32 (geometry.vertex_normals in float64); +z
+    where no face with an area touches a vertex, since a file's normals must be unit vectors."""
+    from ..geometry import vertex_normals as normals_of
+
+    n = normals_of(torch.from_numpy(mesh.vertices.astype(np.float64)), torch.from_numpy(np.asarray(mesh.faces))).numpy()
+    n[np.linalg.norm(n, axis=1) == 0] = (0.0, 0.0, 1.0)
     return n.astype(np.float32)
 
 

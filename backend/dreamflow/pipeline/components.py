@@ -25,9 +25,9 @@ def reference_renderer(config: JobConfig, device: torch.device):
     return ReferenceRenderer(loaded.mesh, loaded.vertex_colours, device=device, colours_from=loaded.colours_from)
 
 
-def _tiny_folder(ctx: JobContext, name: str) -> Path:
-    base = ctx.checkpoint_dir if ctx.checkpoint_dir is not None else ctx.out_dir / ".cache"
-    return base / name
+def _tiny_cache(ctx: JobContext) -> Path:
+    """Where a job keeps its tiny random models: beside its checkpoints, else in the output folder."""
+    return ctx.checkpoint_dir if ctx.checkpoint_dir is not None else ctx.out_dir / ".cache"
 
 
 def _diffusion_prior(ctx: JobContext, model: str, role: str, **kwargs) -> LatentDiffusionPrior:
@@ -58,9 +58,9 @@ def get_prior(ctx: JobContext) -> Prior:
         if not ctx.config.prompt.strip():
             raise ConfigError(f"the {cfg.kind} prior is a text-to-image model and needs a prompt; got an empty one")
         if cfg.kind == "tiny":
-            from ..priors.tiny import tiny_stable_diffusion
+            from ..priors.tiny import tiny_model_folder
 
-            folder = tiny_stable_diffusion(_tiny_folder(ctx, "tiny-stable-diffusion"), seed=ctx.config.seed)
+            folder = tiny_model_folder(_tiny_cache(ctx), "prior", seed=ctx.config.seed)
             prior = _diffusion_prior(ctx, str(folder), "prior", dtype="float32", local_files_only=True)
         else:
             # SD renders are 256 px in the paper; the VAE sees them at its native 512.
@@ -131,9 +131,9 @@ def get_refiner(ctx: JobContext) -> Prior:
         return prior
     release_diffusion_models(ctx)
     if cfg.kind == "tiny":
-        from ..priors.tiny import tiny_sdxl_refiner
+        from ..priors.tiny import tiny_model_folder
 
-        folder = tiny_sdxl_refiner(_tiny_folder(ctx, "tiny-sdxl-refiner"), seed=ctx.config.seed)
+        folder = tiny_model_folder(_tiny_cache(ctx), "refiner", seed=ctx.config.seed)
         prior = _diffusion_prior(ctx, str(folder), "refiner", dtype="float32", local_files_only=True)
     else:
         prior = _diffusion_prior(ctx, cfg.refiner_model, "refiner")
@@ -144,11 +144,29 @@ def get_refiner(ctx: JobContext) -> Prior:
 
 def build_score_model(ctx: JobContext, prior: Prior, method: MethodConfig, stage: str,
                       phi_model: bool = True) -> tuple[ScoreModel, str]:
-    """D_phi for a stage and the name of what was built (reported, since "lora" may fall back).
+    """D_phi for a stage of a job and the name of what was built (reported, since "lora" may fall back).
 
-    Each stage gets its own LoRA adapter (named after the stage) on the shared UNet. With
-    ``phi_model`` the LoRA sits on ``prior.phi_model`` when that differs from the prior's model
-    (the paper's SD 2.1-v base); stage 3 passes False: its LoRA sits on the refiner itself.
+    With ``phi_model`` the LoRA sits on ``prior.phi_model`` when that differs from the prior's model
+    (the paper's SD 2.1-v base, loaded once per job); stage 3 passes False: its LoRA sits on the
+    refiner itself.
+    """
+    cfg = ctx.config.prior
+    phi_base = None
+    if (phi_model and method.score_model == "lora" and prior.is_latent and cfg.kind == "stable-diffusion"
+            and cfg.phi_model and cfg.phi_model != cfg.model):
+        if "phi_base" not in ctx.cache:
+            # The same fast path as D_p's model: this second UNet runs as often as the first.
+            ctx.cache["phi_base"] = _diffusion_prior(ctx, cfg.phi_model, "phi")
+        phi_base = ctx.cache["phi_base"]
+    return score_model_for(ctx, prior, method, stage, phi_base)
+
+
+def score_model_for(ctx: JobContext, prior: Prior, method: MethodConfig, stage: str,
+                    phi_base: Prior | None = None) -> tuple[ScoreModel, str]:
+    """D_phi of ``method.score_model`` on ``prior`` (the one place a LoRA D_phi is built) and its name.
+
+    Each stage gets its own LoRA adapter (named after the stage) on the shared UNet, or on
+    ``phi_base`` when given.
     """
     cfg = ctx.config.prior
     kind = method.score_model
@@ -164,12 +182,6 @@ def build_score_model(ctx: JobContext, prior: Prior, method: MethodConfig, stage
         return EmpiricalScoreModel(std=cfg.reference_std), "empirical"
     from ..priors.score_models import LoraScoreModel
 
-    phi_base = None
-    if phi_model and cfg.kind == "stable-diffusion" and cfg.phi_model and cfg.phi_model != cfg.model:
-        if "phi_base" not in ctx.cache:
-            # The same fast path as D_p's model: this second UNet runs as often as the first.
-            ctx.cache["phi_base"] = _diffusion_prior(ctx, cfg.phi_model, "phi")
-        phi_base = ctx.cache["phi_base"]
     lr, camera = lora_settings(ctx, method)
     model = LoraScoreModel(prior, phi_base=phi_base, rank=cfg.lora_rank, lr=lr,
                            camera_embedding=camera, seed=ctx.config.seed,

@@ -1,9 +1,10 @@
 """What the stages of one job share: settings, the event sink, the prior cache and the current asset.
 
-A stage runner is a plain function ``run(ctx: JobContext) -> None``. It reads what earlier stages
-left (``ctx.mesh``, ``ctx.nerf``), puts its own result back, records its seconds, metrics and loss
-history, and emits events through ``ctx.sink``. ``ctx.render_views`` is the latest representation's
-renderer (NeRF after stage 1, textured mesh after stages 2-3), used for turntables and metrics.
+What stages hand each other is not kept here: a stage takes the previous stage's typed result
+and returns its own (pipeline/handoff.py, pipeline/stage_loop.py). The context holds what the
+whole job shares: settings, events, control, checkpoints, the reference object, the diffusion
+models loaded once for all stages (``cache``, pipeline/components.py), the frame of a given
+input mesh, and each finished stage's record.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,8 +21,10 @@ from ..events import EventSink, JobControl
 from ..export.mesh import MeshData
 from ..methods.loop import StepReport
 from ..safe_files import atomic_write, open_read
-from ..scene.cameras import Cameras
 from .config import JobConfig
+
+if TYPE_CHECKING:
+    from .refine_input import InputFrame
 
 
 @dataclass
@@ -45,13 +48,17 @@ class JobContext:
     checkpoint_dir: Path | None = None
     input_mesh: MeshData | None = None
     start_t: float | None = None
-    mesh: MeshData | None = None                      # the current textured asset
-    nerf: Any = None                                  # stage 1's field (density/albedo), for stage 2
-    render_views: Callable[[Cameras, int], torch.Tensor] | None = None  # (B, 3, H, W) in [0, 1]
     reference: Any = None                             # ReferenceRenderer when the prior is the reference object
+    input_frame: "InputFrame | None" = None           # how a given input mesh was moved into the object box
     stages: dict[str, StageRecord] = field(default_factory=dict)
-    cache: dict[str, Any] = field(default_factory=dict)  # priors and score-model bases shared by stages
+    # The diffusion models loaded once and shared by the stages ("prior", "phi_base", "refiner";
+    # components.py). Nothing else: stage outputs travel as typed results (handoff.py).
+    cache: dict[str, Any] = field(default_factory=dict)
     stage_names: list[str] = field(default_factory=list)  # the stages this job runs, in order
+
+    def output_mesh(self, mesh: MeshData) -> MeshData:
+        """A mesh as the job sends it: back in the input's coordinates when the input was moved into the box."""
+        return mesh if self.input_frame is None else self.input_frame.from_box(mesh)
 
     def stage_position(self, stage: str) -> dict[str, int]:
         """``stage_index`` (0-based) and ``stage_count`` for progress events."""

@@ -1,8 +1,9 @@
 """One generation job: the enabled stages in order, then the files (GLB, turntable, loss plot, report).
 
 ``run_job`` is what the server's worker and the one-shot CLI call. Stages are a plain ordered list
-of ``(name, config attribute, runner)``; a runner is ``run(ctx: JobContext) -> None`` (see
-context.py). Files written to ``out_dir`` (names relative to it in ``JobResult.files``):
+of stage objects (pipeline/stage_loop.py ``Stage``): each builds its run from the previous stage's
+typed result and returns its own (pipeline/handoff.py): stage 1 a ``NerfResult``, 2a, 2b and 3 a
+``SurfaceResult``; a job that starts from a given mesh begins with an ``InputMesh``. Files written to ``out_dir`` (names relative to it in ``JobResult.files``):
 
 - ``model.glb``: the final textured mesh (PBR material, texture embedded, Y-up as glTF wants);
 - ``model.obj`` + ``model.mtl`` + ``model_albedo.png`` when ``export.write_obj``;
@@ -18,7 +19,6 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -32,20 +32,15 @@ from ..safe_files import atomic_write
 from ..scene.cameras import Cameras, orbit
 from .config import JobConfig
 from .context import JobContext
+from .handoff import StageResult
 from .metrics import chamfer_relative, held_out_cameras, psnr
-from .stage1 import run_stage1
-from .stage2 import output_mesh, run_geometry_stage, run_texture_stage
-from .stage3 import run_refine_stage
+from .stage1 import NERF_STAGE
+from .stage2 import GEOMETRY_STAGE, TEXTURE_STAGE
+from .stage3 import REFINE_STAGE
+from .stage_loop import Stage, run_stage
 
-StageRunner = Callable[[JobContext], None]
-
-#: The pipeline: (stage name, JobConfig attribute holding its settings, runner), in order.
-STAGES: list[tuple[str, str, StageRunner]] = [
-    ("stage1", "stage1", run_stage1),
-    ("geometry", "geometry", run_geometry_stage),
-    ("texture", "texture", run_texture_stage),
-    ("refine", "refine", run_refine_stage),
-]
+#: The pipeline, in order; each stage's settings are ``getattr(config, stage.config_attr)``.
+STAGES: list[Stage] = [NERF_STAGE, GEOMETRY_STAGE, TEXTURE_STAGE, REFINE_STAGE]
 
 TURNTABLE_VIEWS = 8
 #: Default size of turntable tiles and evaluation views (``export.view_resolution`` sets it per job).
@@ -60,12 +55,12 @@ class JobResult:
     report: dict = field(default_factory=dict)
 
 
-def _stage_plan(config: JobConfig, start_stage: str | None) -> list[tuple[str, str, StageRunner]]:
-    names = [name for name, _, _ in STAGES]
+def _stage_plan(config: JobConfig, start_stage: str | None) -> list[Stage]:
+    names = [stage.name for stage in STAGES]
     if start_stage is not None and start_stage not in names:
         raise ConfigError(f"unknown start stage {start_stage!r}; this pipeline has {', '.join(names)}")
     first = names.index(start_stage) if start_stage is not None else 0
-    return [(n, attr, run) for n, attr, run in STAGES[first:] if getattr(config, attr).enabled]
+    return [stage for stage in STAGES[first:] if getattr(config, stage.config_attr).enabled]
 
 
 def render_asset(mesh: MeshData, cameras: Cameras, resolution: int, device: torch.device) -> torch.Tensor:
@@ -128,7 +123,7 @@ def run_job(config: JobConfig, out_dir: Path, sink: EventSink, control: JobContr
     if not plan:
         raise ConfigError("every stage is disabled; nothing to run")
     ctx = JobContext(config, out_dir, sink, control, device, None if checkpoint_dir is None else Path(checkpoint_dir),
-                     input_mesh, start_t, mesh=input_mesh, stage_names=[n for n, _, _ in plan])
+                     input_mesh, start_t, stage_names=[stage.name for stage in plan])
     if config.prior.kind == "reference":
         from .components import reference_renderer
 
@@ -136,26 +131,29 @@ def run_job(config: JobConfig, out_dir: Path, sink: EventSink, control: JobContr
         if ctx.reference.colours_from == "none":
             ctx.emit("log", {"level": "warning", "message": f"reference file {config.prior.reference} has no colour "
                               f"(no texture, vertex, face or material colour): it is rendered grey"})
+    result: StageResult | None = None
     if start_stage is not None and start_stage != "stage1":
         from .refine_input import prepare_input
 
-        prepare_input(ctx, start_stage)  # checked, moved into the object box; MeshError otherwise
-    for _name, _attr, runner in plan:
+        # Checked and moved into the object box (MeshError otherwise): what the first stage takes.
+        result, ctx.input_frame = prepare_input(input_mesh, start_stage)
+    for stage in plan:
         control.check()
-        runner(ctx)
-    if ctx.mesh is None:
+        result = run_stage(ctx, stage, result)
+    if result is None:
         raise MeshError("no stage produced a mesh")
+    asset = result.mesh
 
     files: dict[str, str] = {}
-    write_glb(output_mesh(ctx, ctx.mesh), out_dir / "model.glb")
+    write_glb(ctx.output_mesh(asset), out_dir / "model.glb")
     files["model"] = "model.glb"
     if config.export.write_obj:
-        for p in write_obj(output_mesh(ctx, ctx.mesh), out_dir / "model.obj"):
+        for p in write_obj(ctx.output_mesh(asset), out_dir / "model.obj"):
             files[p.name] = p.name
 
     cams = orbit(TURNTABLE_VIEWS, elevation_deg=20.0, distance=1.3, fovy_deg=50.0)
     res = config.export.view_resolution
-    rows = [render_asset(ctx.mesh, cams, res, device)]
+    rows = [render_asset(asset, cams, res, device)]
     if ctx.reference is not None:
         rows.append(ctx.reference.render(cams, res)[0])
     write_png(_grid(rows), out_dir / "turntable.png")
@@ -167,8 +165,8 @@ def run_job(config: JobConfig, out_dir: Path, sink: EventSink, control: JobContr
     if ctx.reference is not None:
         eval_cams = held_out_cameras()
         ref = ctx.reference.render(eval_cams, res)[0]
-        quality["psnr_db"] = _finite(psnr(render_asset(ctx.mesh, eval_cams, res, device), ref))
-        quality["chamfer_rel"] = _finite(chamfer_relative(ctx.mesh, ctx.reference.mesh))
+        quality["psnr_db"] = _finite(psnr(render_asset(asset, eval_cams, res, device), ref))
+        quality["chamfer_rel"] = _finite(chamfer_relative(asset, ctx.reference.mesh))
         quality["eval_views"] = len(eval_cams)
         quality["eval_resolution"] = res
     report = {
@@ -186,8 +184,8 @@ def run_job(config: JobConfig, out_dir: Path, sink: EventSink, control: JobContr
         "quality": quality,
         "reference": None if ctx.reference is None else {"file": config.prior.reference,
                                                          "colours_from": ctx.reference.colours_from},
-        "mesh": {"vertices": int(len(ctx.mesh.vertices)), "faces": int(len(ctx.mesh.faces)),
-                 "texture_size": list(ctx.mesh.texture.shape[:2]) if ctx.mesh.texture is not None else None},
+        "mesh": {"vertices": int(len(asset.vertices)), "faces": int(len(asset.faces)),
+                 "texture_size": list(asset.texture.shape[:2]) if asset.texture is not None else None},
         "config": to_dict(config),
     }
     files["report"] = "report.json"

@@ -3,27 +3,24 @@ that make it fit (stages 1 and 2 in 24 GB, stage 3 in 40 GB) instead of failing.
 
 - Stage 1's training render is the big one: the pure-PyTorch hash grid keeps about 4 kB of
   activations per sample for its backward, and 256x256 rays x 512 samples is 33.5 M samples.
-  :class:`ChunkedNerfProblem` renders in checkpointed ray chunks (render/checkpointed.py) sized
-  to a byte budget, and halves the chunk after an out-of-memory error.
+  Stage 1's problem renders in checkpointed ray chunks (render/checkpointed.py) sized to a byte
+  budget (:func:`plan_ray_chunk`), and halves the chunk after an out-of-memory error.
 - The VAE encode of a 512 (stages 1-2) or 1024 (stage 3) render with gradients comes next:
   activation recomputation in the encoder (same numbers), then tiling.
 - The LoRA update's backward through the UNet: activation recomputation in the UNet.
 
 :func:`install_stage_fallback` puts those savers, in that order, behind the loop's step
 (memory.install_oom_fallback): an iteration that runs out of memory is retried one saver later.
+This module imports nothing from the pipeline's stages (they import it).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
 from ..memory import MemoryLadder, Saver, halving, install_oom_fallback, prior_savers
-from ..methods.loop import Rendered
-from ..render.checkpointed import render_cameras_checkpointed
-from ..scene.cameras import Cameras
-from .stage1 import NerfProblem
 
 #: Bytes per evaluated sample and hash-grid level while a chunk's graph is alive. The tensors the
 #: pure-PyTorch grid and the NeRF MLP save for backward measure 129 B per level (16 levels x 4
@@ -49,42 +46,19 @@ def plan_ray_chunk(rays: int, samples_per_ray: int, levels: int, budget_bytes: i
     return ray_chunk_for_budget(budget_bytes, samples_per_ray, levels)
 
 
-class ChunkedNerfProblem(NerfProblem):
-    """Stage 1's problem with a bounded-memory training render.
+@runtime_checkable
+class RayChunked(Protocol):
+    """A problem that renders in checkpointed chunks of ``ray_chunk`` rays (None: all in one graph);
+    stage 1's NerfProblem is one."""
 
-    ``ray_chunk`` None renders all rays in one graph (the plain NerfProblem); a number renders that
-    many rays per checkpointed chunk: the same image and the same gradients within float tolerance.
-    """
-
-    def __init__(self, *args: Any, ray_chunk: int | None = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.ray_chunk = ray_chunk
-
-    @classmethod
-    def wrap(cls, problem: NerfProblem, ray_chunk: int | None = None) -> "ChunkedNerfProblem":
-        """The same field, occupancy grid and generator as ``problem``, rendered in chunks."""
-        new = cls.__new__(cls)
-        new.__dict__.update(problem.__dict__)
-        new.ray_chunk = ray_chunk
-        return new
-
-    def render(self, cameras: Cameras | None) -> Rendered:
-        """Training render; in checkpointed chunks when ``ray_chunk`` is set."""
-        if self.ray_chunk is None:
-            return super().render(cameras)
-        c = self.cfg
-        out = render_cameras_checkpointed(self.field, cameras, c.resolution, c.resolution, c.samples_per_ray,
-                                          self.occupancy, perturb=True, generator=self.generator,
-                                          orientation=c.orientation_weight > 0, chunk=self.ray_chunk)
-        reg = c.orientation_weight * out.orientation if c.orientation_weight > 0 else None
-        return Rendered(out.image, out.alpha, reg)
+    ray_chunk: int | None
 
 
 def stage_ladder(problem: Any, prior: Any, score_model: Any, first_ray_chunk: int = 8192,
                  min_ray_chunk: int = MIN_RAY_CHUNK) -> MemoryLadder:
     """The savers of a stage, cheapest first: ray chunks (stage 1), then the prior's savers."""
     savers: list[Saver] = []
-    if isinstance(problem, ChunkedNerfProblem):
+    if isinstance(problem, RayChunked):
         savers.append(Saver("halve-ray-chunk", halving(lambda: problem.ray_chunk,
                                                        lambda v: setattr(problem, "ray_chunk", v),
                                                        first_ray_chunk, min_ray_chunk)))

@@ -17,6 +17,7 @@ import torch
 
 from ..export.mesh import MeshData, MeshError
 from ..scene.texture_field import TextureField
+from .handoff import InputMesh
 from .metrics import sample_barycentric
 
 START_STAGES = ("geometry", "texture", "refine")
@@ -32,25 +33,12 @@ def validate_input_mesh(mesh: MeshData | None, start_stage: str | None) -> MeshD
         raise MeshError(f"start stage {start_stage!r} needs an input mesh (vertices and faces)")
     if start_stage is not None and start_stage not in START_STAGES:
         raise MeshError(f"an input mesh can start at {', '.join(START_STAGES)}; got {start_stage!r}")
-    v = np.asarray(mesh.vertices)
-    f = np.asarray(mesh.faces)
-    if v.size == 0 or f.size == 0:
-        raise MeshError(f"input mesh is empty ({len(v)} vertices, {len(f)} faces)")
-    if v.ndim == 2 and v.shape[1] == 3 and np.issubdtype(v.dtype, np.number) and not np.isfinite(v).all():
-        bad = np.nonzero(~np.isfinite(v).all(axis=1))[0]
-        raise MeshError(f"input mesh has {len(bad)} vertices with NaN or infinite coordinates (first: vertex {int(bad[0])})")
-    if f.ndim == 2 and f.shape[1] == 3 and np.issubdtype(f.dtype, np.integer):
-        out = (f < 0) | (f >= len(v))
-        if out.any():
-            face = int(np.nonzero(out.any(axis=1))[0][0])
-            raise MeshError(f"input mesh has {int(out.any(axis=1).sum())} faces with vertex indices outside "
-                            f"[0, {len(v) - 1}] (first: face {face} = {f[face].tolist()})")
-    checked = MeshData(v, f, mesh.normals, mesh.uvs, mesh.texture).validate(require_manifold=start_stage == "geometry")
-    m = checked.as_float32()
-    degenerate = (m.faces[:, 0] == m.faces[:, 1]) | (m.faces[:, 1] == m.faces[:, 2]) | (m.faces[:, 0] == m.faces[:, 2])
-    if degenerate.any():
-        raise MeshError(f"input mesh has {int(degenerate.sum())} degenerate faces that repeat a vertex "
-                        f"(first: face {int(np.nonzero(degenerate)[0][0])})")
+    try:
+        # DMTet remeshes a manifold surface; the colour stages bake into the given faces, so no
+        # triangle may repeat a vertex.
+        m = mesh.validate(require_manifold=start_stage == "geometry", allow_degenerate=False).as_float32()
+    except MeshError as exc:
+        raise MeshError(f"input {exc}" if str(exc).startswith("mesh ") else f"input mesh: {exc}") from None
     if (m.uvs is None) != (m.texture is None) and m.texture is not None:
         raise MeshError("input mesh has a texture but no UVs to map it")
     return m
@@ -114,11 +102,9 @@ def fit_field_to_texture(field: TextureField, mesh: MeshData, steps: int = 100, 
                      batch=4096, seed=seed)
 
 
-def prepare_input(ctx, start_stage: str) -> None:
-    """Check the job's input mesh and put it, in box coordinates, where the mesh stages look for it."""
-    mesh = validate_input_mesh(ctx.input_mesh, start_stage)
-    frame = InputFrame.fit(mesh.vertices)
-    if not frame.identity:
-        ctx.cache["input_frame"] = frame
-    ctx.cache["input_box"] = frame.to_box(mesh)
-    ctx.mesh = ctx.cache["input_box"]
+def prepare_input(mesh: MeshData | None, start_stage: str) -> tuple[InputMesh, InputFrame | None]:
+    """The job's input mesh checked and moved into the object box (what the first mesh stage takes),
+    and the frame that moved it (None when it already was inside)."""
+    checked = validate_input_mesh(mesh, start_stage)
+    frame = InputFrame.fit(checked.vertices)
+    return InputMesh(mesh=frame.to_box(checked)), None if frame.identity else frame

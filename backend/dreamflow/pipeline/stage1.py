@@ -12,22 +12,21 @@ Events (all with ``stage = "stage1"``, field names as in the wire protocol's sch
 
 from __future__ import annotations
 
-import time
-from dataclasses import replace
-
 import torch
 
 from ..export.extract import extract_textured_mesh
 from ..export.mesh import MeshData
-from ..methods.loop import Problem, Rendered
+from ..methods.loop import Problem, Rendered, StepReport
+from ..render.checkpointed import render_cameras_checkpointed
 from ..render.volume import OccupancyGrid, render_cameras
 from ..scene.cameras import Cameras
 from ..scene.nerf import FieldSettings, NerfField
-from .components import build_score_model, get_prior
 from .config import NerfStageConfig
-from .context import JobContext, StageRecord
+from .context import JobContext
+from .handoff import NerfResult
+from .memory_plan import gpu_budget_bytes, plan_ray_chunk
 from .metrics import evaluate_mesh, held_out_cameras, psnr
-from .stage_loop import run_stage_loop
+from .stage_loop import StageModels, StageRun, make_run, run_stage, stage_models, with_start
 
 STAGE = "stage1"
 #: The view shown in previews: front-right, slightly from above.
@@ -41,12 +40,19 @@ def field_settings(cfg: NerfStageConfig) -> FieldSettings:
 
 
 class NerfProblem(Problem):
-    """The NeRF as the loop's problem: volume renders of camera batches, three lr groups."""
+    """The NeRF as the loop's problem: volume renders of camera batches, three lr groups.
 
-    def __init__(self, field: NerfField, cfg: NerfStageConfig, device: torch.device, seed: int = 0):
+    ``ray_chunk`` None renders all rays in one graph; a number renders that many rays per
+    checkpointed chunk (bounded memory at the paper's settings, pipeline/memory_plan.py): the same
+    image and the same gradients within float tolerance.
+    """
+
+    def __init__(self, field: NerfField, cfg: NerfStageConfig, device: torch.device, seed: int = 0,
+                 ray_chunk: int | None = None):
         self.field = field
         self.cfg = cfg
         self.device = device
+        self.ray_chunk = ray_chunk
         self.occupancy = OccupancyGrid(cfg.occupancy_resolution, cfg.occupancy_threshold, device=device)
         # On the render's device: the ray jitter and the occupancy probes are drawn there.
         self.generator = torch.Generator(device=device).manual_seed(seed + 17)
@@ -61,10 +67,16 @@ class NerfProblem(Problem):
         ]
 
     def render(self, cameras: Cameras | None) -> Rendered:
-        """Training render (stratified jitter) with the weighted orientation loss."""
+        """Training render (stratified jitter) with the weighted orientation loss; in checkpointed
+        chunks when ``ray_chunk`` is set."""
         c = self.cfg
-        out = render_cameras(self.field, cameras, c.resolution, c.resolution, c.samples_per_ray, self.occupancy,
-                             perturb=True, generator=self.generator, orientation=c.orientation_weight > 0)
+        if self.ray_chunk is None:
+            out = render_cameras(self.field, cameras, c.resolution, c.resolution, c.samples_per_ray, self.occupancy,
+                                 perturb=True, generator=self.generator, orientation=c.orientation_weight > 0)
+        else:
+            out = render_cameras_checkpointed(self.field, cameras, c.resolution, c.resolution, c.samples_per_ray,
+                                              self.occupancy, perturb=True, generator=self.generator,
+                                              orientation=c.orientation_weight > 0, chunk=self.ray_chunk)
         reg = c.orientation_weight * out.orientation if c.orientation_weight > 0 else None
         return Rendered(out.image, out.alpha, reg)
 
@@ -129,49 +141,48 @@ def nerf_mesh(ctx: JobContext, field: NerfField, final: bool) -> MeshData:
                                  ctx.device)
 
 
-def run_stage1(ctx: JobContext) -> None:
-    """Optimise the NeRF, stream its progress, leave the field and its textured mesh in ``ctx``."""
-    cfg = ctx.config.stage1
-    seed = ctx.config.seed
-    start = time.perf_counter()
-    cpu_start = time.process_time()
-    prior = get_prior(ctx)
-    method_cfg = cfg.method
-    if ctx.start_t is not None:
-        sched = method_cfg.schedule
-        t0 = min(sched.t_start, float(ctx.start_t))
-        method_cfg = replace(method_cfg, schedule=replace(sched, t_start=t0, t_end=min(sched.t_end, t0)))
-    score_model, score_name = build_score_model(ctx, prior, method_cfg, STAGE)
-    field = NerfField(field_settings(cfg), ctx.device, seed=seed)
-    # Bounded memory at the paper's settings (pipeline/memory_plan.py): checkpointed ray chunks when
-    # the whole render's graph would not fit; None (one graph, as before) when it does.
-    from .memory_plan import ChunkedNerfProblem, gpu_budget_bytes, plan_ray_chunk  # memory_plan imports this module
+class NerfStage:
+    """Stage 1: the NeRF from nothing; returns a :class:`NerfResult` (its field and textured mesh)."""
 
-    chunk = plan_ray_chunk(cfg.views_per_iteration * cfg.resolution ** 2, cfg.samples_per_ray, cfg.grid.levels,
-                           gpu_budget_bytes(ctx.device))
-    problem = ChunkedNerfProblem.wrap(NerfProblem(field, cfg, ctx.device, seed), chunk)
-    cond = prior.condition(ctx.config.prompt, ctx.config.negative_prompt, method_cfg.guidance)
-    preview_cam = Cameras.make(device=ctx.device, **PREVIEW_VIEW)
-    history = run_stage_loop(ctx, STAGE, problem, method_cfg, cfg.steps, cfg.views_per_iteration, prior, score_model,
-                             cond, cfg.cameras, seed, cfg.preview_every,
-                             lambda: problem.render_views(preview_cam, cfg.resolution),
-                             cfg.mesh_every, lambda: nerf_mesh(ctx, field, final=False))
-    total = cfg.steps
-    mesh = nerf_mesh(ctx, field, final=True)
-    ctx.emit("mesh", {"stage": STAGE, "step": total, "final": True}, mesh.arrays())
-    ctx.mesh = mesh
-    ctx.nerf = field
-    ctx.render_views = problem.render_views
-    metrics: dict[str, float] = {"occupied_fraction": problem.occupancy.occupied_fraction(),
-                                 "faces": float(len(mesh.faces)), "cpu_seconds": time.process_time() - cpu_start}
-    if ctx.reference is not None:
-        cams = held_out_cameras()
-        # The NeRF's own views (volume rendered), and then its extracted textured mesh measured
-        # exactly like every later stage's mesh, so the stages compare like with like.
-        metrics["nerf_psnr_db"] = psnr(problem.render_views(cams, cfg.resolution),
-                                       ctx.reference.render(cams, cfg.resolution)[0])
-        metrics.update({k: v for k, v in evaluate_mesh(ctx, mesh).items() if k in ("psnr_db", "chamfer_rel")})
-    seconds = time.perf_counter() - start
-    ctx.stages[STAGE] = StageRecord(seconds, metrics, list(history))
-    ctx.emit("stage_done", {"stage": STAGE, "steps": total, "seconds": seconds,
-                            "report": {"metrics": metrics, "score_model": score_name}})
+    name = STAGE
+    config_attr = "stage1"
+
+    def build(self, ctx: JobContext, incoming: None = None, models: StageModels | None = None) -> StageRun:
+        """The NeRF, the prior, D_phi and the loop at the job's stage-1 settings."""
+        cfg = ctx.config.stage1
+        seed = ctx.config.seed
+        method_cfg = with_start(cfg.method, ctx.start_t)
+        prior, score_model, score_name = stage_models(ctx, STAGE, method_cfg, models)
+        field = NerfField(field_settings(cfg), ctx.device, seed=seed)
+        # Bounded memory at the paper's settings: checkpointed ray chunks when the whole render's
+        # graph would not fit; None (one graph) when it does.
+        chunk = plan_ray_chunk(cfg.views_per_iteration * cfg.resolution ** 2, cfg.samples_per_ray, cfg.grid.levels,
+                               gpu_budget_bytes(ctx.device))
+        problem = NerfProblem(field, cfg, ctx.device, seed, ray_chunk=chunk)
+        cond = prior.condition(ctx.config.prompt, ctx.config.negative_prompt, method_cfg.guidance)
+        preview_cam = Cameras.make(device=ctx.device, **PREVIEW_VIEW)
+
+        def finish(history: list[StepReport]) -> NerfResult:
+            mesh = nerf_mesh(ctx, field, final=True)
+            metrics: dict[str, float] = {"occupied_fraction": problem.occupancy.occupied_fraction(),
+                                         "faces": float(len(mesh.faces))}
+            if ctx.reference is not None:
+                cams = held_out_cameras()
+                # The NeRF's own views (volume rendered), and then its extracted textured mesh measured
+                # exactly like every later stage's mesh, so the stages compare like with like.
+                metrics["nerf_psnr_db"] = psnr(problem.render_views(cams, cfg.resolution),
+                                               ctx.reference.render(cams, cfg.resolution)[0])
+                metrics.update({k: v for k, v in evaluate_mesh(ctx, mesh).items() if k in ("psnr_db", "chamfer_rel")})
+            return NerfResult(mesh=mesh, field=field, metrics=metrics)
+
+        return make_run(ctx, STAGE, cfg, method_cfg, problem, prior, score_model, score_name, cond, seed,
+                        lambda: problem.render_views(preview_cam, cfg.resolution),
+                        lambda: nerf_mesh(ctx, field, final=False), finish)
+
+
+NERF_STAGE = NerfStage()
+
+
+def run_stage1(ctx: JobContext) -> NerfResult:
+    """Optimise the NeRF in a job, stream its progress; its field and textured mesh."""
+    return run_stage(ctx, NERF_STAGE, None)

@@ -142,3 +142,12 @@ def tiny_sdxl_refiner(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def tiny_model_folder(cache: str | Path, role: Literal["prior", "refiner"] = "prior",
+                      prediction_type: Literal["epsilon", "v_prediction"] = "epsilon", seed: int = 0) -> Path:
+    """The tiny random model of ``role`` kept under ``cache``, written on first use and reused after:
+    the one place its folder is named (a job's cache and the benchmark's work folder alike)."""
+    cache = Path(cache)
+    if role == "refiner":
+        return tiny_sdxl_refiner(cache / "tiny-sdxl-refiner", seed=seed)
+    return tiny_stable_diffusion(cache / f"tiny-sd-{prediction_type}", prediction_type=prediction_type, seed=seed)
+

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import accel
+from ..geometry import vertex_normals  # noqa: F401 (render.raster.vertex_normals: the one formula)
 from ..scene.cameras import Cameras
 
 Backend = Literal["auto", "torch", "nvdiffrast"]
@@ -348,14 +349,6 @@ def antialias(color: torch.Tensor, rast: RasterOut, neighbours: torch.Tensor | N
         out = out.index_add(0, pout[rows], reach * (c_in - c_out))
         out = out.index_add(0, pin[rows], short * (c_out - c_in))
     return out.reshape(B, H, W, C)
-
-
-def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Area-weighted unit vertex normals (V, 3) of a triangle mesh (outward for CCW-outside faces)."""
-    v0, v1, v2 = vertices[faces[:, 0]], vertices[faces[:, 1]], vertices[faces[:, 2]]
-    fn = torch.linalg.cross(v1 - v0, v2 - v0, dim=-1)
-    n = torch.zeros_like(vertices).index_add(0, faces.reshape(-1), fn.repeat_interleave(3, dim=0))
-    return F.normalize(n, dim=-1, eps=1e-12)
 
 
 @dataclass

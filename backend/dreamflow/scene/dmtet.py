@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..geometry import vertex_normals
 from .tets import TetGrid, make_tet_grid, marching_tets  # noqa: F401 (TetGrid in signatures)
 
 
@@ -68,7 +69,7 @@ def sdf_from_mesh(vertices: np.ndarray, faces: np.ndarray, grid: TetGrid, sample
     bary = np.stack([1 - s, s * (1 - r2), s * r2], axis=1)
     pts = np.einsum("nk,nkd->nd", bary, tri[face_idx])
     pts = np.concatenate([pts, v])
-    sample_normals = np.concatenate([normals[face_idx], _vertex_normals_np(v, f, cross)])
+    sample_normals = np.concatenate([normals[face_idx], vertex_normals(torch.from_numpy(v), torch.from_numpy(f)).numpy()])
     query = grid.vertices.detach().cpu().double().numpy()
     dist, nearest = cKDTree(pts).query(query, workers=1)
     side = np.einsum("nd,nd->n", query - pts[nearest], sample_normals[nearest])
@@ -83,13 +84,6 @@ def sdf_from_mesh(vertices: np.ndarray, faces: np.ndarray, grid: TetGrid, sample
     sign = np.where(dist < 2.0 * h, sign_near, sign_far)
     sdf = np.clip(sign * dist, -3.0 * h, 3.0 * h)
     return torch.tensor(sdf, dtype=torch.float32, device=grid.vertices.device)
-
-
-def _vertex_normals_np(v: np.ndarray, f: np.ndarray, face_cross: np.ndarray) -> np.ndarray:
-    n = np.zeros_like(v)
-    for k in range(3):
-        np.add.at(n, f[:, k], face_cross)
-    return n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-20)
 
 
 class DMTet(nn.Module):
