@@ -9,6 +9,7 @@ import torch
 from ..config import ConfigError
 from ..methods.registry import MethodConfig
 from ..priors.base import IdentityScoreModel, Prior, ScoreModel
+from ..priors.latent_diffusion import LatentDiffusionPrior
 from .config import JobConfig
 from .context import JobContext
 
@@ -24,20 +25,20 @@ def reference_renderer(config: JobConfig, device: torch.device):
     return ReferenceRenderer(mesh, colours, device=device)
 
 
-def _tiny_folder(ctx: JobContext) -> Path:
+def _tiny_folder(ctx: JobContext, name: str) -> Path:
     base = ctx.checkpoint_dir if ctx.checkpoint_dir is not None else ctx.out_dir / ".cache"
-    return base / "tiny-stable-diffusion"
+    return base / name
 
 
-def _stable_diffusion(ctx: JobContext, model: str, **kwargs) -> Prior:
-    """A Stable Diffusion model of the job's settings, with the device's fast path applied (SDPA;
+def _diffusion_prior(ctx: JobContext, model: str, role: str, **kwargs) -> LatentDiffusionPrior:
+    """A diffusion model of the job's settings in a role, with the device's fast path applied (SDPA;
     on CUDA also channels-last and the text encoder offloaded between prompt embeddings)."""
     from ..fastpath import apply_fast_path, for_device
-    from ..priors.stable_diffusion import StableDiffusionPrior
+    from ..priors.loading import load_diffusion_prior
 
     cfg = ctx.config.prior
     options = {"dtype": cfg.dtype, "local_files_only": cfg.local_files_only, **kwargs}
-    prior = StableDiffusionPrior.from_pretrained(model, device=ctx.device, **options)
+    prior = load_diffusion_prior(model, role, device=ctx.device, **options)
     apply_fast_path(prior, for_device(ctx.device), ctx.device)
     return prior
 
@@ -59,19 +60,87 @@ def get_prior(ctx: JobContext) -> Prior:
         if cfg.kind == "tiny":
             from ..priors.tiny import tiny_stable_diffusion
 
-            folder = tiny_stable_diffusion(_tiny_folder(ctx), seed=ctx.config.seed)
-            prior = _stable_diffusion(ctx, str(folder), dtype="float32", local_files_only=True)
+            folder = tiny_stable_diffusion(_tiny_folder(ctx, "tiny-stable-diffusion"), seed=ctx.config.seed)
+            prior = _diffusion_prior(ctx, str(folder), "prior", dtype="float32", local_files_only=True)
         else:
             # SD renders are 256 px in the paper; the VAE sees them at its native 512.
-            prior = _stable_diffusion(ctx, cfg.model, encode_size=512)
+            prior = _diffusion_prior(ctx, cfg.model, "prior", encode_size=cfg.encode_size or None)
     ctx.cache["prior"] = prior
     return prior
 
 
-def build_score_model(ctx: JobContext, prior: Prior, method: MethodConfig, stage: str) -> tuple[ScoreModel, str]:
+def release_diffusion_models(ctx: JobContext, keep: Prior | None = None) -> list[str]:
+    """Drop the job's cached diffusion models except ``keep`` and return their memory; names of what went.
+
+    Stage 3's refiner is the largest model of the pipeline: stages 1-2's UNets (and the LoRA
+    adapters on them) must not stay alive beside it, so that the pipeline's peak is the largest
+    stage's alone.
+    """
+    released = []
+    for name in ("prior", "phi_base", "refiner"):
+        model = ctx.cache.get(name)
+        if model is not None and model is not keep and getattr(model, "is_latent", False):
+            del ctx.cache[name]
+            released.append(name)
+    if released:
+        import gc
+
+        gc.collect()
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return released
+
+
+def enable_memory_savers(prior: Prior, device: torch.device) -> list[str]:
+    """VAE slicing and tiling on CUDA (a 1024x1024 encode with gradients); names of what was enabled."""
+    enabled: list[str] = []
+    vae = getattr(prior, "vae", None)
+    if vae is None or device.type != "cuda":
+        return enabled
+    for name in ("enable_slicing", "enable_tiling"):
+        fn = getattr(vae, name, None)
+        if callable(fn):
+            fn()
+            enabled.append(name)
+    return enabled
+
+
+def get_refiner(ctx: JobContext) -> Prior:
+    """D_p of stage 3: the refiner model (the tiny random one for ``tiny``), or the exact reference prior.
+
+    When ``prior.refiner_model`` is the job's own prior model, that one model serves both. Otherwise
+    stages 1-2's models are released before the refiner is loaded.
+    """
+    cfg = ctx.config.prior
+    if cfg.kind == "reference":
+        return get_prior(ctx)
+    if "refiner" in ctx.cache:
+        return ctx.cache["refiner"]
+    if cfg.kind != "tiny" and cfg.refiner_model == cfg.model and "prior" in ctx.cache:
+        prior = ctx.cache["prior"]
+        release_diffusion_models(ctx, keep=prior)
+        ctx.cache["prior"] = ctx.cache["refiner"] = prior
+        return prior
+    release_diffusion_models(ctx)
+    if cfg.kind == "tiny":
+        from ..priors.tiny import tiny_sdxl_refiner
+
+        folder = tiny_sdxl_refiner(_tiny_folder(ctx, "tiny-sdxl-refiner"), seed=ctx.config.seed)
+        prior = _diffusion_prior(ctx, str(folder), "refiner", dtype="float32", local_files_only=True)
+    else:
+        prior = _diffusion_prior(ctx, cfg.refiner_model, "refiner")
+    enable_memory_savers(prior, ctx.device)
+    ctx.cache["refiner"] = prior
+    return prior
+
+
+def build_score_model(ctx: JobContext, prior: Prior, method: MethodConfig, stage: str,
+                      phi_model: bool = True) -> tuple[ScoreModel, str]:
     """D_phi for a stage and the name of what was built (reported, since "lora" may fall back).
 
-    Each stage gets its own LoRA adapter (named after the stage) on the shared UNet.
+    Each stage gets its own LoRA adapter (named after the stage) on the shared UNet. With
+    ``phi_model`` the LoRA sits on ``prior.phi_model`` when that differs from the prior's model
+    (the paper's SD 2.1-v base); stage 3 passes False: its LoRA sits on the refiner itself.
     """
     cfg = ctx.config.prior
     kind = method.score_model
@@ -88,10 +157,10 @@ def build_score_model(ctx: JobContext, prior: Prior, method: MethodConfig, stage
     from ..priors.score_models import LoraScoreModel
 
     phi_base = None
-    if cfg.kind == "stable-diffusion" and cfg.phi_model and cfg.phi_model != cfg.model:
+    if phi_model and cfg.kind == "stable-diffusion" and cfg.phi_model and cfg.phi_model != cfg.model:
         if "phi_base" not in ctx.cache:
             # The same fast path as D_p's model: this second UNet runs as often as the first.
-            ctx.cache["phi_base"] = _stable_diffusion(ctx, cfg.phi_model, load_vae=False)
+            ctx.cache["phi_base"] = _diffusion_prior(ctx, cfg.phi_model, "phi")
         phi_base = ctx.cache["phi_base"]
     model = LoraScoreModel(prior, phi_base=phi_base, rank=cfg.lora_rank, lr=cfg.lora_lr,
                            camera_embedding=cfg.camera_embedding, seed=ctx.config.seed,

@@ -29,6 +29,9 @@ class PriorConfig:
     refiner_model: str = "stabilityai/stable-diffusion-xl-refiner-1.0"  # stage 3, both D_p and D_phi base
     reference: str = "builtin"        # reference prior: "builtin" or a mesh file
     reference_std: float = 0.05       # s of the reference prior's Gaussian around the reference render
+    # The VAE of prior.model sees renders resized to this (SD's native 512 for the paper's 256 px
+    # renders); 0 keeps each render's own size.
+    encode_size: int = 512
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     local_files_only: bool = False
     lora_rank: int = 4

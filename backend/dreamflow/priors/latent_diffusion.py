@@ -13,9 +13,7 @@ an epsilon model gives ``D = x_noisy - sigma eps_hat``, a v model
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -23,11 +21,10 @@ import torch
 from ..devices import host_list, upload
 from ..scene.cameras import VIEW_SUFFIXES, Cameras, view_suffix
 from .base import Conditioning, Prior, as_sigma
+from .hub import ROLE_LABELS, ModelFiles, PriorLoadError, locate, variant_for_dtype
 from .noise_levels import DdpmNoiseLevels
 
-
-class PriorLoadError(RuntimeError):
-    """A model (or one of its parts) could not be loaded; the message says what and how to fix it."""
+__all__ = ["LatentDiffusionPrior", "PriorLoadError", "TextConditioner", "UNetDenoiser", "load_part", "pick_dtype"]
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -41,22 +38,19 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_part(cls: Any, model: str, subfolder: str | None, local_files_only: bool, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(model, subfolder=...)`` with an error that names the model and part."""
+def load_part(cls: Any, files: ModelFiles, part: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained`` of one located part, with an error that names the model, role and part."""
+    options: dict[str, Any] = {"subfolder": part, "local_files_only": True}
+    if part in files.weights:
+        options["variant"] = files.variant(part)
+        options["use_safetensors"] = files.uses_safetensors(part)
     try:
-        if subfolder is None:
-            return cls.from_pretrained(model, local_files_only=local_files_only, **kwargs)
-        return cls.from_pretrained(model, subfolder=subfolder, local_files_only=local_files_only, **kwargs)
-    except (OSError, ValueError) as exc:  # EnvironmentError, HFValidationError, missing files
-        where = "a local folder" if Path(model).exists() else "the Hugging Face cache"
-        how = ("download it once on a machine with internet (`hf download {m}` or "
-               "`huggingface-cli download {m}`) and copy the cache, or pass a local folder that holds "
-               "the full diffusers layout").format(m=model)
-        if not local_files_only:
-            how += "; check the model id and the network"
-        raise PriorLoadError(f"could not load the {subfolder or 'config'} of model {model!r} from {where}"
-                             f"{' (local files only)' if local_files_only else ''}: {str(exc).rstrip('.')}. "
-                             f"To fix: {how}.") from exc
+        return cls.from_pretrained(str(files.folder), **options, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # damaged files, shape mismatches
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise PriorLoadError(f"{part} of model {files.model!r} ({ROLE_LABELS.get(files.role, files.role)}) "
+                             f"could not be read: {detail}. To fix: download the model again "
+                             f"(`dreamflow models fetch`), or check the folder's {part}/ files.") from None
 
 
 def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -67,24 +61,17 @@ def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> to
     return module
 
 
-def read_model_index(model: str, local_files_only: bool) -> dict:
-    """The pipeline's model_index.json (flags such as requires_aesthetics_score)."""
-    path = Path(model) / "model_index.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    from diffusers import DiffusionPipeline
-
-    return dict(load_part(DiffusionPipeline, model, None, local_files_only, return_unused_kwargs=False))
-
-
 class TextConditioner(ABC):
     """How one model family turns prompts into UNet conditioning (the only per-family code)."""
 
     @classmethod
     @abstractmethod
-    def load(cls, model: str, index: dict, device: torch.device, dtype: torch.dtype,
-             local_files_only: bool) -> "TextConditioner":
-        """Load the family's tokenizer(s) and text encoder(s) from a pipeline folder or id."""
+    def load(cls, files: ModelFiles, device: torch.device, dtype: torch.dtype) -> "TextConditioner":
+        """Load the family's tokenizer(s) and text encoder(s) from a located pipeline."""
+
+    @abstractmethod
+    def check(self, unet: torch.nn.Module, files: ModelFiles) -> None:
+        """Raise PriorLoadError when the UNet cannot take this conditioning (a wrong part)."""
 
     @abstractmethod
     def encode(self, prompts: Sequence[str], negative: bool) -> dict[str, torch.Tensor]:
@@ -160,6 +147,9 @@ class LatentDiffusionPrior(Prior):
 
     is_latent = True
     conditioner_class: type[TextConditioner]
+    #: The model_index.json ``_class_name`` values this prior reads, and the role it plays by default.
+    pipeline_classes: tuple[str, ...] = ()
+    default_role: str = "prior"
 
     def __init__(self, unet: torch.nn.Module, vae: torch.nn.Module | None, conditioner: TextConditioner,
                  alphas_cumprod: torch.Tensor, prediction_type: str, device: torch.device | str = "cpu",
@@ -186,19 +176,42 @@ class LatentDiffusionPrior(Prior):
     @classmethod
     def from_pretrained(cls, model: str, device: torch.device | str = "cpu", dtype: str = "auto",
                         local_files_only: bool = False, view_dependent: bool = True,
-                        encode_size: int | None = None, load_vae: bool = True, **kwargs: Any) -> "LatentDiffusionPrior":
-        """Load a diffusers pipeline folder or hub id (its UNet, VAE, text encoder(s), scheduler)."""
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
+                        encode_size: int | None = None, load_vae: bool = True, role: str | None = None,
+                        **kwargs: Any) -> "LatentDiffusionPrior":
+        """Load a diffusers pipeline folder or hub id: only its UNet, VAE, text encoder(s) and scheduler."""
         device = torch.device(device)
         torch_dtype = pick_dtype(dtype, device)
-        index = read_model_index(model, local_files_only)
-        sched = load_part(DDPMScheduler, model, "scheduler", local_files_only)
-        unet = load_part(UNet2DConditionModel, model, "unet", local_files_only, torch_dtype=torch_dtype)
-        vae = load_part(AutoencoderKL, model, "vae", local_files_only, torch_dtype=torch_dtype) if load_vae else None
-        conditioner = cls.conditioner_class.load(model, index, device, torch_dtype, local_files_only, **kwargs)
+        role = role or cls.default_role
+        if not load_vae and role == "prior":
+            role = "phi"
+        files = locate(model, role, variant_for_dtype(str(torch_dtype).removeprefix("torch.")), local_files_only)
+        return cls.from_files(files, device, torch_dtype, view_dependent, encode_size, **kwargs)
+
+    @classmethod
+    def from_files(cls, files: ModelFiles, device: torch.device, torch_dtype: torch.dtype,
+                   view_dependent: bool = True, encode_size: int | None = None, **kwargs: Any) -> "LatentDiffusionPrior":
+        """Build the prior from a located model (see hub.locate), checking that its parts fit together."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+        expected = cls.pipeline_classes
+        if files.pipeline_class not in expected:
+            raise PriorLoadError(f"model {files.model!r} ({ROLE_LABELS.get(files.role, files.role)}) is a "
+                                 f"{files.pipeline_class}, not a {' or '.join(expected)}. To fix: load it with "
+                                 f"load_diffusion_prior, which picks the prior class from the model index.")
+        sched = load_part(DDPMScheduler, files, "scheduler")
+        unet = load_part(UNet2DConditionModel, files, "unet", torch_dtype=torch_dtype)
+        vae = load_part(AutoencoderKL, files, "vae", torch_dtype=torch_dtype) if "vae" in files.parts else None
+        latent_channels = int(vae.config.latent_channels) if vae is not None else 4
+        if int(unet.config.in_channels) != latent_channels or int(unet.config.out_channels) != latent_channels:
+            raise PriorLoadError(
+                f"unet of model {files.model!r} ({ROLE_LABELS.get(files.role, files.role)}) takes "
+                f"{unet.config.in_channels} input and gives {unet.config.out_channels} output channels, but the "
+                f"latents have {latent_channels} (an inpainting or depth UNet?). To fix: use a text-to-image "
+                f"model whose unet works on {latent_channels}-channel latents.")
+        conditioner = cls.conditioner_class.load(files, device, torch_dtype, **kwargs)
+        conditioner.check(unet, files)
         return cls(unet, vae, conditioner, sched.alphas_cumprod, sched.config.prediction_type, device,
-                   torch_dtype, view_dependent, encode_size, model)
+                   torch_dtype, view_dependent, encode_size, files.model)
 
     # -- Prior interface ---------------------------------------------------------------------
     @property

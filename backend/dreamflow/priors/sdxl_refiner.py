@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from .hub import ROLE_LABELS, ModelFiles, PriorLoadError
 from .latent_diffusion import LatentDiffusionPrior, TextConditioner, load_part
 
 
@@ -33,15 +34,32 @@ class SdxlRefinerConditioner(TextConditioner):
         self.negative_aesthetic_score = negative_aesthetic_score
 
     @classmethod
-    def load(cls, model: str, index: dict, device: torch.device, dtype: torch.dtype, local_files_only: bool,
+    def load(cls, files: ModelFiles, device: torch.device, dtype: torch.dtype,
              size: int = 1024) -> "SdxlRefinerConditioner":
-        """tokenizer_2 and text_encoder_2 of an SDXL (refiner) pipeline folder or id."""
+        """tokenizer_2 and text_encoder_2 of a located SDXL refiner pipeline."""
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-        tok = load_part(CLIPTokenizer, model, "tokenizer_2", local_files_only)
-        enc = load_part(CLIPTextModelWithProjection, model, "text_encoder_2", local_files_only, dtype=dtype)
-        return cls(tok, enc, device, bool(index.get("requires_aesthetics_score", True)),
-                   bool(index.get("force_zeros_for_empty_prompt", False)), size)
+        tok = load_part(CLIPTokenizer, files, "tokenizer_2")
+        enc = load_part(CLIPTextModelWithProjection, files, "text_encoder_2", dtype=dtype)
+        return cls(tok, enc, device, bool(files.index.get("requires_aesthetics_score", True)),
+                   bool(files.index.get("force_zeros_for_empty_prompt", False)), size)
+
+    def check(self, unet: torch.nn.Module, files: ModelFiles) -> None:
+        """The UNet takes text_encoder_2's width, its pooled embedding and this many time ids."""
+        label = ROLE_LABELS.get(files.role, files.role)
+        cfg = unet.config
+        width = int(self.text_encoder.config.hidden_size)
+        pooled = int(self.text_encoder.config.projection_dim)
+        if getattr(cfg, "addition_embed_type", None) != "text_time":
+            raise PriorLoadError(f"unet of model {files.model!r} ({label}) takes no SDXL text/time embeddings. "
+                                 f"To fix: use the SDXL refiner's own unet.")
+        expected = len(self.time_ids(False)) * int(cfg.addition_time_embed_dim) + pooled
+        if int(cfg.cross_attention_dim) != width or int(cfg.projection_class_embeddings_input_dim) != expected:
+            raise PriorLoadError(
+                f"unet of model {files.model!r} ({label}) expects text width {cfg.cross_attention_dim} and "
+                f"{cfg.projection_class_embeddings_input_dim} added-embedding inputs, but text_encoder_2 and "
+                f"{len(self.time_ids(False))} time ids give {width} and {expected} (an SDXL base unet?). "
+                f"To fix: use the refiner's unet, stabilityai/stable-diffusion-xl-refiner-1.0.")
 
     def time_ids(self, negative: bool) -> torch.Tensor:
         """(5,) or (6,) SDXL micro-conditioning for a square image of ``size``."""
@@ -67,3 +85,5 @@ class SdxlRefinerPrior(LatentDiffusionPrior):
     """stabilityai/stable-diffusion-xl-refiner-1.0 (and pipelines laid out like it)."""
 
     conditioner_class = SdxlRefinerConditioner
+    pipeline_classes = ("StableDiffusionXLImg2ImgPipeline",)
+    default_role = "refiner"

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from .hub import ROLE_LABELS, SD_PIPELINES, ModelFiles, PriorLoadError
 from .latent_diffusion import LatentDiffusionPrior, TextConditioner, load_part
 
 
@@ -22,14 +23,26 @@ class ClipTextConditioner(TextConditioner):
         self.device = device
 
     @classmethod
-    def load(cls, model: str, index: dict, device: torch.device, dtype: torch.dtype,
-             local_files_only: bool) -> "ClipTextConditioner":
-        """Tokenizer and text encoder of a StableDiffusionPipeline folder or id."""
+    def load(cls, files: ModelFiles, device: torch.device, dtype: torch.dtype) -> "ClipTextConditioner":
+        """Tokenizer and text encoder of a located StableDiffusionPipeline."""
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        tok = load_part(CLIPTokenizer, model, "tokenizer", local_files_only)
-        enc = load_part(CLIPTextModel, model, "text_encoder", local_files_only, dtype=dtype)
+        tok = load_part(CLIPTokenizer, files, "tokenizer")
+        enc = load_part(CLIPTextModel, files, "text_encoder", dtype=dtype)
         return cls(tok, enc, device)
+
+    def check(self, unet: torch.nn.Module, files: ModelFiles) -> None:
+        """The UNet cross-attends to this text encoder's width and wants no SDXL extras."""
+        width = int(self.text_encoder.config.hidden_size)
+        label = ROLE_LABELS.get(files.role, files.role)
+        if getattr(unet.config, "addition_embed_type", None) is not None:
+            raise PriorLoadError(f"unet of model {files.model!r} ({label}) expects SDXL's added text and time "
+                                 f"embeddings, but the model is laid out as Stable Diffusion 1.x/2.x. To fix: "
+                                 f"use a matching unet, or an SDXL refiner folder for stage 3.")
+        if int(unet.config.cross_attention_dim) != width:
+            raise PriorLoadError(f"unet of model {files.model!r} ({label}) cross-attends to width "
+                                 f"{unet.config.cross_attention_dim}, but its text_encoder gives {width}. To fix: "
+                                 f"use the unet and text_encoder of one model.")
 
     def encode(self, prompts: Sequence[str], negative: bool) -> dict[str, torch.Tensor]:
         """Last hidden states (B, 77, D)."""
@@ -42,3 +55,4 @@ class StableDiffusionPrior(LatentDiffusionPrior):
     """Stable Diffusion 1.x/2.x (epsilon or v-prediction) through diffusers."""
 
     conditioner_class = ClipTextConditioner
+    pipeline_classes = SD_PIPELINES
