@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..scene.cameras import CameraRanges
 from .dataset import TOY_CAMERAS, ToyImages, render_dataset
-from .world import PROMPTS
+from .world import MARKER_FILE, PROMPTS
 
 IMAGE_SIZE = 64
 
@@ -119,7 +119,7 @@ def save_pipeline(folder: Path, vae, text_encoder, unet, extra: dict | None = No
     pipe.save_pretrained(tmp, safe_serialization=True)
     pipe.to(torch.float32)
     if extra is not None:
-        (tmp / "toyworld.json").write_text(json.dumps(extra, indent=1))
+        (tmp / MARKER_FILE).write_text(json.dumps(extra, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder

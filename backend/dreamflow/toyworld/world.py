@@ -128,7 +128,7 @@ class _Builder:
             i2 = (i + 1) % nu
             for j in range(nv - 1):
                 a, b, c, d = idx[i, j], idx[i2, j], idx[i2, j + 1], idx[i, j + 1]
-                faces += [(a, b, c), (a, c, d)]
+                faces += [(a, c, b), (a, d, c)]  # u east, v down: counter-clockwise from outside
         self.add(points.reshape(-1, 3), normals.reshape(-1, 3), torch.tensor(faces))
 
     def build(self) -> ToyMesh:
@@ -212,7 +212,7 @@ def _torus(major: float, minor: float, segments: int = 48, sides: int = 24) -> T
     U, V = torch.meshgrid(u, v, indexing="ij")
     n = torch.stack([torch.cos(V) * torch.cos(U), torch.cos(V) * torch.sin(U), torch.sin(V)], -1)
     centre = torch.stack([major * torch.cos(U), major * torch.sin(U), torch.zeros_like(U)], -1)
-    # v runs counter-clockwise seen along u's direction, so flip to keep faces outward.
+    # v runs upwards on the outside of the tube; flipped, it runs down like the other grids' v.
     b.grid((centre + minor * n).flip(1), n.flip(1), wrap_u=True)
     return b.build()
 
@@ -247,3 +247,24 @@ def object_mesh(shape: str) -> ToyMesh:
     if shape not in builders:
         raise ConfigError(f"unknown toy shape {shape!r}; shapes: {', '.join(SHAPES)}")
     return builders[shape]()
+
+
+#: The file that marks a diffusers folder as a toy-world model (written by toyworld.train).
+MARKER_FILE = "toyworld.json"
+
+
+def is_toyworld_model(model: str) -> bool:
+    """True when ``model`` is a local folder holding a model trained on the toy world."""
+    from pathlib import Path
+
+    return (Path(model) / MARKER_FILE).is_file()
+
+
+def check_prompt_for_model(model: str, prompt: str) -> None:
+    """A ConfigError (listing the known words) when a toy-world model gets a prompt it cannot know.
+
+    Other models accept any prompt. Called when a job's configuration is built, so that an unknown
+    prompt fails before anything is loaded or computed (CLI, demo and server submit alike).
+    """
+    if prompt.strip() and is_toyworld_model(model):
+        parse_prompt(prompt)
