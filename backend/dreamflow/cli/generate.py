@@ -104,6 +104,11 @@ def _run(config, out: Path, label: str) -> int:
     quality = result.report.get("quality") or {}
     if quality:
         print("quality: " + json.dumps(quality), file=sys.stderr)
+    from .evaluate import add_toy_quality, format_toy_quality
+
+    toy = add_toy_quality(config, out, result.report)
+    if toy is not None:
+        print(format_toy_quality(toy), file=sys.stderr)
     return 0
 
 
