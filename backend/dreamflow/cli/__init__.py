@@ -1,7 +1,8 @@
 """The ``dreamflow`` command: one subcommand per module, each registering its own parser.
 
 Subcommands: serve, submit, status, cancel, fetch, keys (server.py); generate, demo (generate.py);
-image (image.py); models (models.py); bench is in bench/ (scripts, not installed).
+image (image.py); models (models.py); toyworld (toyworld.py); eval, train-evaluator (evaluate.py);
+bench is in bench/ (scripts, not installed).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import importlib
 import sys
 
 # Each module defines register(subparsers) and sets a ``func`` default returning an exit code.
-_MODULES = ("dreamflow.cli.server", "dreamflow.cli.generate", "dreamflow.cli.image", "dreamflow.cli.models")
+_MODULES = ("dreamflow.cli.server", "dreamflow.cli.generate", "dreamflow.cli.image", "dreamflow.cli.models",
+            "dreamflow.cli.toyworld", "dreamflow.cli.evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
 ``paper`` is the DreamFlow paper's settings (a GPU and Stable Diffusion weights);
 ``preview`` runs in minutes on a laptop CPU against the reference-object prior (the demo);
+``toy`` is text to 3D on a CPU with the toy world's own small trained model (toyworld/);
 ``smoke`` is the smallest run that still exercises every code path (tests).
 Each part's settings live in one dataclass; a preset is data, overridable by dotted paths from
 the CLI (``stage1.steps=200``) and from the protocol's job spec.
@@ -210,7 +211,35 @@ def _smoke() -> JobConfig:
     )
 
 
-PRESETS = {"paper": _paper, "preview": _preview, "smoke": _smoke}
+def _toy() -> JobConfig:
+    """Text to 3D on a 2-core CPU with the toy world's own trained model (toyworld/): D_p, the base of
+    the LoRA D_phi (one UNet) and stage 3's refiner are all the shipped generator folder.
+
+    The toy model draws 64 px images (16 x 16 latents), so the VAE sees every render at 64 px;
+    the cameras are the ones its training images were rendered from (toyworld.dataset.TOY_CAMERAS).
+    """
+    from ..toyworld import GENERATOR_FOLDER
+    from ..toyworld.dataset import TOY_CAMERAS
+
+    p = _preview()
+    folder = str(GENERATOR_FOLDER)
+    lora = MethodConfig(schedule=TimestepSchedule("decreasing", 1.0, 0.2, 1))
+    return replace(
+        p,
+        prior=PriorConfig(kind="stable-diffusion", model=folder, phi_model=folder, refiner_model=folder, encode_size=64,
+                          dtype="float32", local_files_only=True),
+        stage1=replace(p.stage1, steps=300, cameras=TOY_CAMERAS, method=lora),
+        # The toy model never saw normal maps, so 2a's pull on the surface is weak and noisy: fewer,
+        # smaller steps on 128 px normal maps (the VAE sees 64), mostly turning the NeRF into a DMTet mesh.
+        geometry=replace(p.geometry, steps=150, resolution=128, lr=1e-3, cameras=TOY_CAMERAS),
+        texture=replace(p.texture, cameras=TOY_CAMERAS,
+                        method=replace(lora, schedule=TimestepSchedule("decreasing", 0.5, 0.1, 1))),
+        refine=replace(p.refine, resolution=128, cameras=TOY_CAMERAS,
+                       method=replace(lora, schedule=TimestepSchedule("decreasing", 0.3, 0.0, 2))),
+    )
+
+
+PRESETS = {"paper": _paper, "preview": _preview, "toy": _toy, "smoke": _smoke}
 
 
 def build_config(preset: str = "preview", overrides: Mapping[str, Any] | None = None, **top: Any) -> JobConfig:
@@ -235,4 +264,8 @@ def build_config(preset: str = "preview", overrides: Mapping[str, Any] | None = 
         )
     cfg = apply_overrides(cfg, dict(overrides or {}))
     check_ranges(cfg)
+    if cfg.prior.kind == "stable-diffusion":
+        from ..toyworld.world import check_prompt_for_model
+
+        check_prompt_for_model(cfg.prior.model, cfg.prompt)
     return cfg

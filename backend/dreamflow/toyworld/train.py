@@ -1,0 +1,277 @@
+"""Train the toy world's text-to-image latent diffusion model from scratch (``dreamflow toyworld train``).
+
+The result is a diffusers ``StableDiffusionPipeline`` folder, laid out and loaded exactly like
+Stable Diffusion 2.x base (priors/latent_diffusion.py loads it through the same from_pretrained):
+
+- ``vae``: a small AutoencoderKL, 64 px images -> 16 x 16 x 4 latents (downsampling 4, where SD's
+  is 8: a 64 px image at 8x would leave an 8 x 8 latent, too coarse for a torus's hole), trained
+  first on the renders with an L2 reconstruction loss and SD's small KL weight; its
+  ``scaling_factor`` is 1 / std of the training latents, as SD's 0.18215 is.
+- ``text_encoder``: a small CLIPTextModel (width 32, 2 layers) under the real CLIP BPE tokenizer
+  (priors/tiny.clip_tokenizer), trained jointly with the UNet (SD's is pretrained and frozen; ours
+  has no pretraining to lean on).
+- ``unet``: UNet2DConditionModel on the latents, cross-attention on the two finer levels.
+- ``scheduler``: DDPMScheduler configured like SD 2.x (scaled_linear 0.00085..0.012, 1000 steps),
+  epsilon prediction.
+
+Captions: the prompt with the view suffix of the image's camera (what the pipeline conditions
+stage-1 renders on), the bare prompt for a quarter of the images (what a 2D sample without a
+camera is conditioned on), and the empty caption for a tenth (classifier-free guidance).
+Everything is seeded: the same command gives the same folder. bf16 autocast on the CPU (measured
+about 2x on SD-sized UNets); the weights stay float32 during training and are saved as float16 to
+keep the shipped folder small (they load back as float32).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..scene.cameras import CameraRanges
+from .dataset import TOY_CAMERAS, ToyImages, render_dataset
+from .world import MARKER_FILE, PROMPTS
+
+IMAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What ``dreamflow toyworld train`` does; every field has a CLI flag."""
+
+    seed: int = 0
+    views_per_object: int = 256
+    vae_steps: int = 500
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    steps: int = 800
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 50
+    # An averaging window of ~200 steps: a longer one (0.999) would still hold the untrained early
+    # weights after a few hundred steps (0.999^600 = 0.55 of the mass on the first 300 steps).
+    ema_decay: float = 0.995
+    plain_caption: float = 0.25       # share of bare prompts (no view suffix)
+    empty_caption: float = 0.10       # share of empty captions (classifier-free guidance)
+    min_snr_gamma: float = 5.0        # Min-SNR loss weighting (Hang et al. 2023): faster convergence
+    checkpoint_every: int = 200
+    bf16: bool = True
+
+
+def _text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=128, num_attention_heads=4,
+                                        num_hidden_layers=2, max_position_embeddings=77, projection_dim=32,
+                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                         layers_per_block=1, norm_num_groups=16, sample_size=IMAGE_SIZE)
+
+
+def _unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(64, 96, 128), norm_num_groups=32,
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=32, attention_head_dim=8)
+
+
+def _scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                         prediction_type="epsilon", steps_offset=1, clip_sample=False)
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth."""
+    if step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, p)))
+
+
+def save_pipeline(folder: Path, vae, text_encoder, unet, extra: dict | None = None) -> Path:
+    """Write a StableDiffusionPipeline folder (float16 weights) at ``folder``, replacing it whole."""
+    from diffusers import StableDiffusionPipeline
+
+    from ..priors.tiny import clip_tokenizer
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+                                   scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.to(torch.float16)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    pipe.to(torch.float32)
+    if extra is not None:
+        (tmp / MARKER_FILE).write_text(json.dumps(extra, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def _captions(data: ToyImages, idx: torch.Tensor, gen: torch.Generator, cfg: TrainConfig) -> list[str]:
+    u = torch.rand(len(idx), generator=gen).tolist()
+    out = []
+    for i, r in zip(idx.tolist(), u):
+        if r < cfg.empty_caption:
+            out.append("")
+        elif r < cfg.empty_caption + cfg.plain_caption:
+            out.append(PROMPTS[int(data.object_ids[i])])
+        else:
+            out.append(data.captions[i])
+    return out
+
+
+def train_vae(data: torch.Tensor, cfg: TrainConfig, log: Callable[[str], None]):
+    """The autoencoder, trained on images in [-1, 1] (N, 3, H, W)."""
+    torch.manual_seed(cfg.seed)
+    vae = _vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    t0 = time.time()
+    for step in range(cfg.vae_steps):
+        for g in opt.param_groups:
+            g["lr"] = cfg.vae_lr * _lr_factor(step, cfg.vae_steps, 50)
+        x = data[torch.randint(0, data.shape[0], (cfg.vae_batch,), generator=gen)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+            rec = vae.decode(z).sample
+        mse = F.mse_loss(rec.float(), x)
+        loss = mse + 1e-6 * post.kl().float().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == cfg.vae_steps - 1:
+            el = time.time() - t0
+            log(f"vae step {step + 1}/{cfg.vae_steps}  mse {mse.item():.5f}  {el / (step + 1):.2f} s/step  "
+                f"eta {el / (step + 1) * (cfg.vae_steps - step - 1) / 60:.1f} min")
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_all(vae, data: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """Posterior means of every image (what LatentDiffusionPrior.encode computes), unscaled."""
+    out = []
+    for i in range(0, data.shape[0], 128):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out.append(vae.encode(data[i:i + 128]).latent_dist.mean.float())
+    return torch.cat(out)
+
+
+def train(out: str | Path, cfg: TrainConfig = TrainConfig(), ranges: CameraRanges = TOY_CAMERAS,
+          log: Callable[[str], None] = print, vae_from: str | Path | None = None) -> Path:
+    """Train the whole model from scratch; the finished pipeline folder is ``out/generator``.
+
+    Checkpoints (complete, loadable pipeline folders of the EMA weights) go to
+    ``out/checkpoints/step-N`` every ``checkpoint_every`` steps, so a partial run is usable.
+    ``vae_from``: a pipeline folder of an earlier run whose VAE is reused instead of trained (the
+    VAE goes through float16 either way, as it is shipped, so both paths give the same latents).
+    """
+    from ..priors.tiny import clip_tokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    log(f"rendering {36 * cfg.views_per_object} images of the 36 objects at {IMAGE_SIZE} px (seed {cfg.seed})")
+    data = render_dataset(cfg.views_per_object, IMAGE_SIZE, cfg.seed, ranges)
+    images = data.float_images() * 2.0 - 1.0
+    if vae_from is not None:
+        from diffusers import AutoencoderKL
+
+        log(f"rendered in {time.time() - t_start:.0f} s; reusing the VAE of {vae_from}")
+        vae = AutoencoderKL.from_pretrained(str(vae_from), subfolder="vae", torch_dtype=torch.float32).eval()
+    else:
+        log(f"rendered in {time.time() - t_start:.0f} s; training the VAE ({cfg.vae_steps} steps)")
+        vae = train_vae(images, cfg, log)
+    vae = vae.half().float()  # the shipped (float16) weights are the ones the latents come from
+    latents = encode_all(vae, images, cfg.bf16)
+    scale = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    latents = latents * scale
+    log(f"latents {tuple(latents.shape[1:])}, scaling factor {scale:.4f}; training the UNet and text encoder "
+        f"({cfg.steps} steps, batch {cfg.batch})")
+
+    torch.manual_seed(cfg.seed + 2)
+    text_encoder = _text_encoder()
+    unet = _unet()
+    sched = _scheduler()
+    tokenizer = clip_tokenizer()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    abar = sched.alphas_cumprod.float()
+    snr = abar / (1.0 - abar)
+    weight = (snr.clamp(max=cfg.min_snr_gamma) / snr) if cfg.min_snr_gamma > 0 else torch.ones_like(snr)
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    meta = {"config": asdict(cfg), "prompts": list(PROMPTS), "image_size": IMAGE_SIZE,
+            "camera_ranges": asdict(ranges)}
+
+    def save(folder: Path, step: int, loss: float) -> None:
+        live = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                p.copy_(e)
+        save_pipeline(folder, vae, text_encoder, unet,
+                      {**meta, "step": step, "ema_loss": loss, "train_seconds": round(time.time() - t_start, 1)})
+        with torch.no_grad():
+            for p, v in zip(params, live):
+                p.copy_(v)
+
+    t0 = time.time()
+    running = None
+    for step in range(cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _lr_factor(step, cfg.steps, cfg.warmup)
+        idx = torch.randint(0, latents.shape[0], (cfg.batch,), generator=gen)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (cfg.batch,), generator=gen)
+        a = abar[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1.0 - a).sqrt() * noise
+        ids = tokenizer(_captions(data, idx, gen, cfg), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            cond = text_encoder(ids)[0]
+            pred = unet(xt, t, encoder_hidden_states=cond).sample
+        per = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (per * weight[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1.0 - d)
+        mse = per.mean().item()
+        running = mse if running is None else 0.98 * running + 0.02 * mse
+        if step % 25 == 0 or step == cfg.steps - 1:
+            el = time.time() - t0
+            log(f"step {step + 1}/{cfg.steps}  loss {running:.4f}  {el / (step + 1):.2f} s/step  "
+                f"eta {el / (step + 1) * (cfg.steps - step - 1) / 60:.1f} min")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            save(out / "checkpoints" / f"step-{step + 1}", step + 1, running)
+            log(f"checkpoint {out / 'checkpoints' / f'step-{step + 1}'}")
+    final = out / "generator"
+    save(final, cfg.steps, running)
+    log(f"done in {(time.time() - t_start) / 60:.1f} min; final loss (eps MSE, running mean) {running:.4f} -> {final}")
+    return final

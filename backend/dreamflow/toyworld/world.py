@@ -1,0 +1,270 @@
+"""The toy world: six shapes in six colours, 36 objects with one prompt each, and their meshes.
+
+Every object stands upright on +Z, centred on the origin (its bounding box's centre), and fills
+most of the box [-0.5, 0.5]^3 (its largest half-extent is :data:`HALF_EXTENT`). The torus lies flat:
+its axis is Z, so its hole faces up. Meshes carry explicit per-vertex normals: flat faces (the
+cube, the pyramid, caps and bases) have their own vertices, so plain diffuse shading shows their
+edges; curved surfaces have smooth normals.
+
+Prompts are exactly ``"a red cube"``, ``"an orange torus"``: the article follows the colour word.
+This module's API (SHAPES, COLOURS, PROMPTS, prompt_for, parse_prompt, caption, ToyMesh,
+object_mesh, COLOUR_RGB) is stable: the evaluator and the ground-truth measures build on it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from ..config import ConfigError
+from ..scene.cameras import view_suffix
+
+SHAPES: tuple[str, ...] = ("cube", "sphere", "cylinder", "cone", "torus", "square pyramid")
+COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "orange", "purple")
+
+#: Diffuse albedo of each colour word (linear RGB in [0, 1]); saturated and far apart in hue.
+COLOUR_RGB: dict[str, tuple[float, float, float]] = {
+    "red": (0.86, 0.10, 0.10),
+    "green": (0.12, 0.68, 0.16),
+    "blue": (0.12, 0.26, 0.90),
+    "yellow": (0.95, 0.85, 0.10),
+    "orange": (1.00, 0.52, 0.04),
+    "purple": (0.56, 0.16, 0.76),
+}
+
+#: Largest half-extent of every object: 0.4 of the box's 0.5, "most of the box" with room for a
+#: NeRF's soft edges.
+HALF_EXTENT = 0.4
+
+
+def prompt_for(shape: str, colour: str) -> str:
+    """The world's prompt for one object: "a red cube", "an orange torus"."""
+    if shape not in SHAPES or colour not in COLOURS:
+        raise ConfigError(f"no toy object {colour!r} {shape!r}; shapes: {', '.join(SHAPES)}; colours: {', '.join(COLOURS)}")
+    article = "an" if colour[0] in "aeiou" else "a"
+    return f"{article} {colour} {shape}"
+
+
+#: The 36 prompts, colour-major within each shape: PROMPTS[s * 6 + c] is shape s, colour c.
+PROMPTS: tuple[str, ...] = tuple(prompt_for(s, c) for s in SHAPES for c in COLOURS)
+
+
+def object_index(shape: str, colour: str) -> int:
+    """Position of an object in :data:`PROMPTS`."""
+    return SHAPES.index(shape) * len(COLOURS) + COLOURS.index(colour)
+
+
+def parse_prompt(prompt: str) -> tuple[str, str]:
+    """(shape, colour) of a toy-world prompt; a ConfigError listing the known words otherwise.
+
+    Case and surrounding spaces are forgiven, and so is a view suffix (", front view"); the
+    words themselves must be the world's.
+    """
+    text = re.sub(r"\s+", " ", prompt.strip().lower())
+    base = text.split(",")[0].strip()
+    for shape in SHAPES:
+        for colour in COLOURS:
+            if base == prompt_for(shape, colour):
+                return shape, colour
+    words = set(re.findall(r"[a-z]+", base))
+    hint = ""
+    unknown = sorted(words - set(COLOURS) - {w for s in SHAPES for w in s.split()} - {"a", "an"})
+    if unknown:
+        hint = f" (unknown word{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)})"
+    raise ConfigError(
+        f"the toy world does not know the prompt {prompt!r}{hint}. It knows 36 prompts of the form "
+        f"'a <colour> <shape>' ('an' before 'orange'): colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}. "
+        f"Example: 'a red cube', 'an orange torus'.")
+
+
+def caption(prompt: str, azimuth_deg: float | None = None, elevation_deg: float | None = None) -> str:
+    """The caption the prior is conditioned on: the prompt, plus the pipeline's view suffix for a
+    camera (LatentDiffusionPrior.condition writes ``f"{prompt}, {suffix}"``)."""
+    if azimuth_deg is None or elevation_deg is None:
+        return prompt
+    return f"{prompt}, {view_suffix(azimuth_deg, elevation_deg)}"
+
+
+# -- meshes ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ToyMesh:
+    """Triangles with per-vertex normals (float32 tensors); crease vertices are duplicated."""
+
+    vertices: torch.Tensor   # (V, 3)
+    faces: torch.Tensor      # (F, 3) int64, counter-clockwise seen from outside
+    normals: torch.Tensor    # (V, 3) unit
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.v: list[torch.Tensor] = []
+        self.n: list[torch.Tensor] = []
+        self.f: list[torch.Tensor] = []
+        self.count = 0
+
+    def add(self, verts: torch.Tensor, normals: torch.Tensor, faces: torch.Tensor) -> None:
+        self.v.append(verts.float())
+        self.n.append(torch.nn.functional.normalize(normals.float(), dim=-1))
+        self.f.append(faces.long() + self.count)
+        self.count += verts.shape[0]
+
+    def flat_triangles(self, tris: torch.Tensor) -> None:
+        """Triangles (T, 3, 3), each with its own vertices and its face normal."""
+        n = torch.linalg.cross(tris[:, 1] - tris[:, 0], tris[:, 2] - tris[:, 0], dim=-1)
+        self.add(tris.reshape(-1, 3), n.repeat_interleave(3, dim=0), torch.arange(tris.shape[0] * 3).view(-1, 3))
+
+    def grid(self, points: torch.Tensor, normals: torch.Tensor, wrap_u: bool) -> None:
+        """A (U, V) grid of points as a smooth quad strip surface; u wraps around when ``wrap_u``."""
+        nu, nv = points.shape[:2]
+        idx = torch.arange(nu * nv).view(nu, nv)
+        us = range(nu if wrap_u else nu - 1)
+        faces = []
+        for i in us:
+            i2 = (i + 1) % nu
+            for j in range(nv - 1):
+                a, b, c, d = idx[i, j], idx[i2, j], idx[i2, j + 1], idx[i, j + 1]
+                faces += [(a, c, b), (a, d, c)]  # u east, v down: counter-clockwise from outside
+        self.add(points.reshape(-1, 3), normals.reshape(-1, 3), torch.tensor(faces))
+
+    def build(self) -> ToyMesh:
+        return ToyMesh(torch.cat(self.v), torch.cat(self.f), torch.cat(self.n))
+
+
+def _quad_grid(corner: torch.Tensor, du: torch.Tensor, dv: torch.Tensor, k: int) -> torch.Tensor:
+    """A flat quad split into k x k cells, as triangles (2 k^2, 3, 3)."""
+    tris = []
+    for i in range(k):
+        for j in range(k):
+            p = corner + du * (i / k) + dv * (j / k)
+            a, b, c, d = p, p + du / k, p + du / k + dv / k, p + dv / k
+            tris += [torch.stack([a, b, c]), torch.stack([a, c, d])]
+    return torch.stack(tris)
+
+
+def _disc(b: _Builder, z: float, radius: float, segments: int, up: bool) -> None:
+    """A flat disc at height z facing +Z (up) or -Z, as a fan of triangles."""
+    t = torch.linspace(0, 2 * math.pi, segments + 1)[:-1]
+    ring = torch.stack([radius * torch.cos(t), radius * torch.sin(t), torch.full_like(t, z)], -1)
+    centre = torch.tensor([0.0, 0.0, z])
+    nxt = ring.roll(-1, 0)
+    tris = torch.stack([centre.expand_as(ring), ring, nxt], 1) if up else torch.stack([centre.expand_as(ring), nxt, ring], 1)
+    b.flat_triangles(tris)
+
+
+def _cube(h: float) -> ToyMesh:
+    b = _Builder()
+    e = torch.eye(3)
+    for axis in range(3):
+        for sign in (1.0, -1.0):
+            n = e[axis] * sign
+            u, v = e[(axis + 1) % 3], e[(axis + 2) % 3]
+            if sign < 0:
+                u, v = v, u
+            corner = n * h - (u + v) * h
+            b.flat_triangles(_quad_grid(corner, 2 * h * u, 2 * h * v, 4))
+    return b.build()
+
+
+def _sphere(r: float, rings: int = 24, segments: int = 48) -> ToyMesh:
+    b = _Builder()
+    theta = torch.linspace(0, math.pi, rings + 1)              # from the north pole down
+    phi = torch.linspace(0, 2 * math.pi, segments + 1)[:-1]
+    P, T = torch.meshgrid(phi, theta, indexing="ij")              # (U=segments, V=rings+1)
+    n = torch.stack([torch.sin(T) * torch.cos(P), torch.sin(T) * torch.sin(P), torch.cos(T)], -1)
+    b.grid(n * r, n, wrap_u=True)
+    return b.build()
+
+
+def _cylinder(r: float, h: float, segments: int = 48, stacks: int = 6) -> ToyMesh:
+    b = _Builder()
+    phi = torch.linspace(0, 2 * math.pi, segments + 1)[:-1]
+    z = torch.linspace(h, -h, stacks + 1)
+    P, Z = torch.meshgrid(phi, z, indexing="ij")
+    n = torch.stack([torch.cos(P), torch.sin(P), torch.zeros_like(P)], -1)
+    b.grid(torch.stack([r * torch.cos(P), r * torch.sin(P), Z], -1), n, wrap_u=True)
+    _disc(b, h, r, segments, up=True)
+    _disc(b, -h, r, segments, up=False)
+    return b.build()
+
+
+def _cone(r: float, h: float, segments: int = 48, stacks: int = 8) -> ToyMesh:
+    b = _Builder()
+    phi = torch.linspace(0, 2 * math.pi, segments + 1)[:-1]
+    s = torch.linspace(0.0, 1.0, stacks + 1)                       # 0 at the apex, 1 at the base rim
+    P, S = torch.meshgrid(phi, s, indexing="ij")
+    pts = torch.stack([r * S * torch.cos(P), r * S * torch.sin(P), h - 2 * h * S], -1)
+    slope = r / (2 * h)                                            # the side's normal tilts up by atan(r / 2h)
+    n = torch.stack([torch.cos(P), torch.sin(P), torch.full_like(P, slope)], -1)
+    b.grid(pts, n, wrap_u=True)
+    _disc(b, -h, r, segments, up=False)
+    return b.build()
+
+
+def _torus(major: float, minor: float, segments: int = 48, sides: int = 24) -> ToyMesh:
+    b = _Builder()
+    u = torch.linspace(0, 2 * math.pi, segments + 1)[:-1]        # around the Z axis
+    v = torch.linspace(0, 2 * math.pi, sides + 1)                 # around the tube (closed by repeating)
+    U, V = torch.meshgrid(u, v, indexing="ij")
+    n = torch.stack([torch.cos(V) * torch.cos(U), torch.cos(V) * torch.sin(U), torch.sin(V)], -1)
+    centre = torch.stack([major * torch.cos(U), major * torch.sin(U), torch.zeros_like(U)], -1)
+    # v runs upwards on the outside of the tube; flipped, it runs down like the other grids' v.
+    b.grid((centre + minor * n).flip(1), n.flip(1), wrap_u=True)
+    return b.build()
+
+
+def _square_pyramid(h: float) -> ToyMesh:
+    b = _Builder()
+    apex = torch.tensor([0.0, 0.0, h])
+    corners = torch.tensor([[-h, -h, -h], [h, -h, -h], [h, h, -h], [-h, h, -h]])
+    sides = torch.stack([torch.stack([corners[i], corners[(i + 1) % 4], apex]) for i in range(4)])
+    b.flat_triangles(sides)
+    b.flat_triangles(torch.stack([torch.stack([corners[0], corners[2], corners[1]]),
+                                  torch.stack([corners[0], corners[3], corners[2]])]))
+    return b.build()
+
+
+@lru_cache(maxsize=None)
+def object_mesh(shape: str) -> ToyMesh:
+    """The mesh of a shape, upright on +Z, bounding box centred on the origin, half-extent 0.4.
+
+    The torus: major radius 0.28, tube radius 0.12, axis Z (hole up). The cylinder and the cone:
+    radius 0.35 and 0.4, height 0.8. Treat the returned tensors as read-only (they are cached).
+    """
+    h = HALF_EXTENT
+    builders = {
+        "cube": lambda: _cube(h),
+        "sphere": lambda: _sphere(h),
+        "cylinder": lambda: _cylinder(0.35, h),
+        "cone": lambda: _cone(h, h),
+        "torus": lambda: _torus(0.28, 0.12),
+        "square pyramid": lambda: _square_pyramid(h),
+    }
+    if shape not in builders:
+        raise ConfigError(f"unknown toy shape {shape!r}; shapes: {', '.join(SHAPES)}")
+    return builders[shape]()
+
+
+#: The file that marks a diffusers folder as a toy-world model (written by toyworld.train).
+MARKER_FILE = "toyworld.json"
+
+
+def is_toyworld_model(model: str) -> bool:
+    """True when ``model`` is a local folder holding a model trained on the toy world."""
+    from pathlib import Path
+
+    return (Path(model) / MARKER_FILE).is_file()
+
+
+def check_prompt_for_model(model: str, prompt: str) -> None:
+    """A ConfigError (listing the known words) when a toy-world model gets a prompt it cannot know.
+
+    Other models accept any prompt. Called when a job's configuration is built, so that an unknown
+    prompt fails before anything is loaded or computed (CLI, demo and server submit alike).
+    """
+    if prompt.strip() and is_toyworld_model(model):
+        parse_prompt(prompt)

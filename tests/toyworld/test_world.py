@@ -1,0 +1,85 @@
+"""The toy world: its 36 prompts, the geometry of its objects, deterministic captioned renders,
+and the clear error for a prompt it does not know."""
+
+import pytest
+import torch
+
+from dreamflow.config import ConfigError
+from dreamflow.scene.cameras import Cameras, view_suffix
+from dreamflow.toyworld.dataset import BACKGROUND, render_dataset, render_object
+from dreamflow.toyworld.world import COLOURS, PROMPTS, SHAPES, object_mesh, parse_prompt, prompt_for
+
+
+def test_the_36_prompts_are_the_issues_words():
+    assert len(PROMPTS) == len(set(PROMPTS)) == 36
+    assert "a red cube" in PROMPTS and "an orange torus" in PROMPTS and "a purple square pyramid" in PROMPTS
+    for shape in SHAPES:
+        for colour in COLOURS:
+            assert parse_prompt(prompt_for(shape, colour)) == (shape, colour)
+    assert parse_prompt("  A Red   Cube, front view ") == ("cube", "red")
+
+
+def test_an_unknown_prompt_names_the_words_the_world_knows():
+    with pytest.raises(ConfigError) as err:
+        parse_prompt("a pink dog")
+    msg = str(err.value)
+    assert "pink" in msg and "dog" in msg
+    assert all(c in msg for c in COLOURS) and all(s in msg for s in SHAPES)
+    with pytest.raises(ConfigError):
+        parse_prompt("a orange torus")  # the article must agree with the colour word
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_each_object_is_centred_in_the_box_and_fills_most_of_it(shape):
+    m = object_mesh(shape)
+    lo, hi = m.vertices.min(0).values, m.vertices.max(0).values
+    assert torch.allclose((lo + hi) / 2, torch.zeros(3), atol=1e-5)
+    assert float((hi - lo).max()) == pytest.approx(0.8, abs=1e-5)
+    assert bool((m.vertices.abs() <= 0.5).all())
+    # Outward normals and outward-facing triangles (the rasteriser's antialiasing reads facing).
+    centre_of_tube = m.vertices.clone()
+    if shape == "torus":
+        ring = torch.nn.functional.normalize(m.vertices[:, :2], dim=1) * 0.28
+        centre_of_tube = m.vertices - torch.cat([ring, torch.zeros(len(ring), 1)], 1)
+    assert bool(((m.normals * centre_of_tube).sum(1) > -1e-6).all())
+    tri = m.vertices[m.faces]
+    face_n = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=1)
+    facing = (face_n * m.normals[m.faces].mean(1)).sum(1)
+    real = face_n.norm(dim=1) > 1e-8  # the sphere's pole triangles have no area
+    assert bool((facing[real] > 0).all())
+
+
+def test_objects_stand_upright_and_the_torus_lies_flat_with_its_hole_up():
+    for shape in ("cone", "square pyramid"):
+        v = object_mesh(shape).vertices
+        top = v[v[:, 2] > 0.399]
+        assert torch.allclose(top[:, :2], torch.zeros_like(top[:, :2]), atol=1e-5)  # the apex points up (+Z)
+    torus = object_mesh("torus").vertices
+    assert float(torus[:, 2].max() - torus[:, 2].min()) == pytest.approx(0.24, abs=1e-4)
+    # From straight above the hole shows the background; from the side the tube covers the centre.
+    above = Cameras.make(0.0, 89.0, 1.5, 50.0)
+    side = Cameras.make(0.0, 0.0, 1.5, 50.0)
+    _, a_up = render_object("torus", "red", above, 33)
+    _, a_side = render_object("torus", "red", side, 33)
+    assert float(a_up[0, 0, 16, 16]) == 0.0 and float(a_up.mean()) > 0.1
+    assert float(a_side[0, 0, 16, 16]) == 1.0
+
+
+def test_renders_are_deterministic_captioned_and_over_the_white_background():
+    a = render_dataset(2, 24, seed=5)
+    b = render_dataset(2, 24, seed=5)
+    c = render_dataset(2, 24, seed=6)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert not torch.equal(a.images, c.images)
+    assert len(a) == 72 and a.images.dtype == torch.uint8
+    for i in range(len(a)):
+        k = int(a.object_ids[i])
+        az, el = float(a.cameras.azimuth_deg[i]), float(a.cameras.elevation_deg[i])
+        assert a.captions[i] == f"{PROMPTS[k]}, {view_suffix(az, el)}"
+    assert bool((a.images[:, :, 0, 0] == round(255 * BACKGROUND)).all())  # corners are background
+    # The colour word decides the hue: red renders are red-dominant, blue ones blue-dominant.
+    img = a.float_images()
+    red = img[a.colour_ids == COLOURS.index("red")]
+    fg = (red < 0.9).any(1, keepdim=True).expand_as(red)
+    means = [red[:, ch][fg[:, ch]].mean() for ch in range(3)]
+    assert means[0] > means[1] + 0.3 and means[0] > means[2] + 0.3
