@@ -18,7 +18,12 @@ STAGE_LABELS: dict[str, str] = {"stage1": "Stage 1: NeRF", "geometry": "Stage 2:
 #: Stages a refinement of an existing mesh can start from.
 START_STAGES: tuple[str, ...] = ("geometry", "texture", "refine")
 METHODS: tuple[str, ...] = ("apfo", "vsd", "sds", "fsd")
-PRESETS: tuple[str, ...] = ("paper", "preview", "smoke")
+#: The panel's presets. "Preview" is text to 3D on a CPU with the toy world's trained prior (the
+#: backend's ``toy`` preset: the prompt decides the object); "Reference" is the weight-free demo that
+#: rebuilds a reference object whatever the prompt says (the backend's ``preview``).
+PRESETS: tuple[str, ...] = ("paper", "preview", "reference", "smoke")
+#: The backend preset each panel preset sends (the panel's names stay stable in saved .blend files).
+BACKEND_PRESETS: dict[str, str] = {"paper": "paper", "preview": "toy", "reference": "preview", "smoke": "smoke"}
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ def submit_arguments(prompt: str, negative_prompt: str, seed: int, method: str, 
         overrides.update(stage_overrides(name, stages.get(name, StageSettings())))
     overrides.update(parse_extra_overrides(extra_overrides))
     return {"prompt": prompt.strip(), "negative_prompt": negative_prompt.strip() or None, "seed": int(seed),
-            "method": method, "preset": preset, "overrides": overrides}
+            "method": method, "preset": BACKEND_PRESETS[preset], "overrides": overrides}
 
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})

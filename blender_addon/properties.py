@@ -23,7 +23,9 @@ METHOD_ITEMS = [
 ]
 PRESET_ITEMS = [
     ("paper", "Paper", "The paper's settings: a GPU and Stable Diffusion weights, about an hour"),
-    ("preview", "Preview", "Minutes on a laptop CPU against the weight-free reference prior"),
+    ("preview", "Preview", "Minutes on a laptop CPU with the small shipped toy-world prior: 36 prompts such as "
+                           "'a red cube' or 'an orange torus'"),
+    ("reference", "Reference", "Minutes on a laptop CPU: rebuilds the built-in reference object (no text prior)"),
     ("smoke", "Smoke", "Seconds: the smallest run that exercises every stage (tests)"),
 ]
 START_STAGE_ITEMS = [

@@ -30,7 +30,8 @@ def test_customised_stages_map_onto_the_backend_config():
     assert args["prompt"] == "a red teapot" and args["negative_prompt"] is None
     cfg = build_config(args["preset"], args["overrides"], prompt=args["prompt"], seed=args["seed"],
                        method=args["method"])
-    preview = build_config("preview")
+    assert args["preset"] == "toy"  # the panel's Preview is the toy-world text-to-3D preset
+    preview = build_config(args["preset"])
     assert (cfg.stage1.resolution, cfg.stage1.steps) == (96, 123)
     assert (cfg.stage1.method.schedule.t_start, cfg.stage1.method.schedule.t_end,
             cfg.stage1.method.schedule.views_per_t) == (0.9, 0.3, 2)
@@ -47,6 +48,18 @@ def test_every_method_accepts_the_overrides(method):
     args = jobspec.submit_arguments("x", "y", 0, method, "smoke", stages)
     cfg = build_config(args["preset"], args["overrides"], method=method)
     assert cfg.method == method and cfg.texture.method.schedule.t_start == 0.7
+
+
+def test_the_panel_presets_name_backend_presets():
+    from dreamflow.pipeline.config import PRESETS
+
+    assert set(jobspec.BACKEND_PRESETS) == set(jobspec.PRESETS)
+    assert set(jobspec.BACKEND_PRESETS.values()) <= set(PRESETS)
+    assert jobspec.submit_arguments("a red cube", "", 0, "apfo", "reference", {})["preset"] == "preview"
+    # Preview's toy prior refuses a prompt its world does not know, before anything is computed.
+    args = jobspec.submit_arguments("a wooden chair", "", 0, "apfo", "preview", {})
+    with pytest.raises(ConfigError, match="toy world"):
+        build_config(args["preset"], args["overrides"], prompt=args["prompt"])
 
 
 def test_bad_settings_are_refused_with_a_reason():

@@ -1,7 +1,8 @@
 """``dreamflow generate`` and ``dreamflow demo``: one job in this process, a progress bar on stderr.
 
-``demo`` runs the whole pipeline against the reference-object prior (no weights, any machine) and
-prints the quality of the result; ``generate`` runs a text prompt with a Stable Diffusion prior.
+``demo`` runs text to 3D on any machine with the toy world's small shipped prior (``--reference``:
+the weight-free rebuild of a reference object, with its quality report); ``generate`` runs a text
+prompt with a Stable Diffusion prior (``--preset toy``: the toy world's).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from typing import Any, Mapping, TextIO
 import numpy as np
 
 from ..config import ConfigError, parse_cli_overrides
+
+#: The prompt ``dreamflow demo`` makes by default (one of the toy world's 36).
+DEMO_PROMPT = "a red cube"
 
 
 class ProgressBar:
@@ -108,8 +112,9 @@ def _run(config, out: Path, label: str) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser, default_preset: str) -> None:
-    p.add_argument("--preset", default=default_preset, help=f"settings preset (paper, preview, smoke; default {default_preset})")
+def _common(p: argparse.ArgumentParser, default_preset: str | None) -> None:
+    shown = default_preset or "toy, or preview with --reference"
+    p.add_argument("--preset", default=default_preset, help=f"settings preset (paper, preview, toy, smoke; default {shown})")
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--method", default=None, help="apfo (default), vsd, sds or fsd")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
@@ -118,20 +123,28 @@ def _common(p: argparse.ArgumentParser, default_preset: str) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the weight-free demo against the reference-object prior."""
+    """Run the demo: the toy prompt with the toy preset, or (--reference) the reference-object rebuild."""
     from ..export.mesh import MeshError
     from ..pipeline.config import build_config
+    from ..priors.latent_diffusion import PriorLoadError
 
     try:
         overrides = parse_cli_overrides(args.overrides)
+        if args.reference is None:
+            # Text to 3D with the toy world's own trained prior: the prompt decides what appears.
+            config = build_config(args.preset or "toy", overrides, prompt=args.prompt, seed=args.seed,
+                                  method=args.method, device=args.device)
+            if config.prior.kind == "reference":
+                raise ConfigError("the text demo needs a text prior; for the reference object use --reference builtin")
+            return _run(config, Path(args.out), "demo")
         overrides.setdefault("prior.kind", "reference")
-        if args.reference:
-            overrides["prior.reference"] = str(args.reference)
-        config = build_config(args.preset, overrides, seed=args.seed, method=args.method, device=args.device)
+        overrides["prior.reference"] = str(args.reference)
+        config = build_config(args.preset or "preview", overrides, seed=args.seed, method=args.method,
+                              device=args.device)
         if config.prior.kind != "reference":
-            raise ConfigError("the demo runs against the reference-object prior (prior.kind=reference)")
+            raise ConfigError("the reference demo runs against the reference-object prior (prior.kind=reference)")
         return _run(config, Path(args.out), "demo")
-    except (ConfigError, MeshError) as exc:
+    except (ConfigError, MeshError, PriorLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -156,11 +169,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``demo`` and ``generate`` subcommands."""
-    demo = sub.add_parser("demo", help="weight-free end-to-end demo against a reference object (CPU is fine)")
+    demo = sub.add_parser("demo", help="end-to-end demo on a CPU: text to 3D with the shipped toy-world prior, "
+                                       "or (--reference) the weight-free rebuild of a reference object")
     demo.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    demo.add_argument("--prompt", default=DEMO_PROMPT,
+                      help=f"one of the toy world's 36 prompts (default {DEMO_PROMPT!r}); ignored with --reference")
     demo.add_argument("--reference", default=None, metavar="FILE",
-                      help="a mesh file (GLB, OBJ, PLY, ...) to rebuild instead of the built-in toy house")
-    _common(demo, "preview")
+                      help="rebuild a reference object instead: 'builtin' (the toy house) or a mesh file "
+                           "(GLB, OBJ, PLY, ...); the preset then defaults to preview")
+    _common(demo, None)
     demo.set_defaults(func=cmd_demo)
 
     gen = sub.add_parser("generate", help="text to a textured 3D asset, in this process")
