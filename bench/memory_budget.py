@@ -227,6 +227,20 @@ def format_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def pipeline_peak(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The whole pipeline's counted peak: the largest stage's, since stage 3 loads the refiner only
+    after stages 1-2's models are released (components.release_diffusion_models; pinned by
+    tests/hub/test_memory_between_stages.py). Also what it would be if they were kept."""
+    largest = max(results, key=lambda r: r["total_bytes"])
+    early = [r for r in results if r["stage"] != "3"]
+    kept = 0
+    if any(r["stage"] == "3" for r in results) and early:
+        weights = max(sum(row["bytes"] for row in r["rows"] if "weights" in row["what"] or "separate UNet" in row["what"])
+                      for r in early)
+        kept = next(r for r in results if r["stage"] == "3")["total_bytes"] + weights
+    return {"peak_bytes": largest["total_bytes"], "largest_stage": largest["stage"], "if_kept_bytes": kept}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: count the stages, print the tables, optionally write JSON."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -238,6 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     results = [count(s, a.card_gb, a.dtype, a.phi_base) for s in (a.stage or list(DIFFUSION))]
     print("\n\n".join(format_table(r) for r in results))
+    if len(results) > 1:
+        whole = pipeline_peak(results)
+        line = (f"\nwhole pipeline: {whole['peak_bytes'] / GIB:.2f} GiB, the largest stage's ({whole['largest_stage']}): "
+                f"stages 1-2's models are released before the refiner loads")
+        if whole["if_kept_bytes"]:
+            line += f" (kept alive beside it, they would make it {whole['if_kept_bytes'] / GIB:.2f} GiB)"
+        print(line)
     if a.json_out:
         Path(a.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json_out).write_text(json.dumps(results, indent=2))

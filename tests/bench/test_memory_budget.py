@@ -40,3 +40,14 @@ def test_a_stage_count_adds_up_and_says_whether_it_fits():
     assert "counted peak" in format_table(r)
     tiny_card = against_card(r, 1.0)
     assert not tiny_card["fits"] and "DOES NOT FIT" in format_table(tiny_card)
+
+
+def test_the_whole_pipeline_peak_is_the_largest_stage_and_keeping_stage_1_models_would_add_their_weights():
+    from bench.memory_budget import pipeline_peak
+
+    def stage(name, weights, other):
+        return {"stage": name, "total_bytes": weights + other,
+                "rows": [{"what": "UNet weights", "bytes": weights}, {"what": "render, saved for backward", "bytes": other}]}
+
+    whole = pipeline_peak([stage("1", 5 * GIB, 4 * GIB), stage("2b", 5 * GIB, 1 * GIB), stage("3", 10 * GIB, 6 * GIB)])
+    assert whole == {"peak_bytes": 16 * GIB, "largest_stage": "3", "if_kept_bytes": 21 * GIB}
