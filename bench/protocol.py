@@ -1,7 +1,8 @@
-"""Protocol figures: ping round trip while a job computes, and mesh throughput over loopback.
+"""Protocol figures: ping round trip while a job computes, during big uploads and with stale subscriptions, and mesh throughput.
 
 Run: ``.venv/bin/python bench/protocol.py``. Prints ping median/p99 (a server on loopback whose
-worker runs real numpy work in steps) and the throughput of a 200,000-face mesh with a 1024x1024
+worker runs real numpy work in steps; then while 256 MiB submits arrive; then with 10,000
+subscriptions left by peers that vanished) and the throughput of a 200,000-face mesh with a 1024x1024
 RGB texture sent DEALER -> ROUTER with the protocol's codec (encode, send, receive, decode with
 full validation). Array payloads are never copied in user code: encode hands the arrays' memory
 to ZeroMQ (copy=False) and decode wraps the received frames with np.frombuffer.
@@ -10,6 +11,7 @@ to ZeroMQ (copy=False) and decode wraps the received frames with np.frombuffer.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import threading
@@ -20,7 +22,7 @@ import numpy as np
 import zmq
 
 from dreamflow.server import Server
-from dreamflow_protocol import Client, Message, decode, encode
+from dreamflow_protocol import Client, Limits, Message, decode, encode
 
 
 class BusyRunner:
@@ -47,9 +49,7 @@ def bench_ping(count: int) -> tuple[float, float, int]:
     runner = BusyRunner(steps=100_000, step_seconds=0.05)
     with tempfile.TemporaryDirectory() as store:
         server = Server(store, "tcp://127.0.0.1:*", runner=runner)
-        endpoint = server.open()
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
+        endpoint, thread = _serving(server)
         try:
             with Client(endpoint, timeout=10) as client:
                 job = client.submit("bench", preset="smoke", subscribe=False)
@@ -63,8 +63,139 @@ def bench_ping(count: int) -> tuple[float, float, int]:
         finally:
             server.stop()
             thread.join(30)
-    rtts.sort()
-    return statistics.median(rtts), rtts[min(len(rtts) - 1, int(round(0.99 * (len(rtts) - 1))))], steps
+    return (*_p99(rtts), steps)
+
+
+def _p99(rtts: list[float]) -> tuple[float, float]:
+    rtts = sorted(rtts)
+    return statistics.median(rtts), rtts[min(len(rtts) - 1, int(round(0.99 * (len(rtts) - 1))))]
+
+
+def _serving(server: Server) -> tuple[str, threading.Thread]:
+    endpoint = server.open()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return endpoint, thread
+
+
+def _ping_while(client: Client, busy: threading.Event, rtts: list[float]) -> None:
+    while busy.is_set():
+        rtts.append(client.ping(timeout=30))
+        time.sleep(0.005)
+
+
+class QuickRunner:
+    """A stand-in job that ends at once (the upload is what is measured)."""
+
+    def __call__(self, config: Any, out_dir: Any, sink: Any, control: Any, **_: Any) -> Any:
+        return type("Result", (), {"files": {}, "report": {}})()
+
+
+UPLOAD_LIMITS = Limits(max_frame_bytes=512 * 1024 * 1024, max_message_bytes=1024 * 1024 * 1024)
+
+
+def serve_quick(store: str, endpoint_file: str) -> None:
+    """A server process whose jobs end at once (``--serve-quick``): the upload bench's server, as ``dreamflow serve`` runs."""
+    server = Server(store, "tcp://127.0.0.1:*", runner=QuickRunner(), limits=UPLOAD_LIMITS)
+    endpoint = server.open()
+    with open(endpoint_file, "w") as fh:
+        fh.write(endpoint)
+    server.serve_forever()
+
+
+def upload(endpoint: str, uploads: int, mib: int) -> None:
+    """Send ``uploads`` submits of ``mib`` MiB each (``--upload``): the upload bench's other client, a process of its own."""
+    n = mib * 1024 * 1024 // 24  # vertices float32 (n, 3) + faces int32 (n, 3): 24 bytes per row
+    vertices = np.random.default_rng(0).random((n, 3), dtype=np.float32)
+    faces = (np.arange(3 * n, dtype=np.int64) % n).astype(np.int32).reshape(n, 3)
+    with Client(endpoint, timeout=300, limits=UPLOAD_LIMITS) as uploader:
+        for _ in range(uploads):
+            print("upload", flush=True)
+            uploader.submit("upload", preset="smoke", mesh={"vertices": vertices, "faces": faces}, subscribe=False)
+    print("done", flush=True)
+
+
+def bench_ping_during_uploads(uploads: int, mib: int = 256) -> tuple[tuple[float, float, int], tuple[float, float, int], float]:
+    """Ping round trips (s) at a server process, while ``mib`` MiB submits arrive from another process and without.
+
+    Returns ((median, p99, pings) during uploads, the same for as long without uploads, seconds per upload).
+    """
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as store:
+        endpoint_file = f"{store}/endpoint"
+        server = subprocess.Popen([sys.executable, __file__, "--serve-quick", f"{store}/jobs", endpoint_file])
+        try:
+            deadline = time.monotonic() + 120
+            while not os.path.exists(endpoint_file) or not open(endpoint_file).read():
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the bench server did not start")
+                time.sleep(0.1)
+            endpoint = open(endpoint_file).read()
+            with Client(endpoint, timeout=60) as pinger:
+                sender = subprocess.Popen([sys.executable, __file__, "--upload", endpoint, str(uploads), str(mib)],
+                                          stdout=subprocess.PIPE, text=True)
+                assert sender.stdout is not None
+                sender.stdout.readline()  # its arrays are made: the first upload begins
+                busy = threading.Event()
+                busy.set()
+                during: list[float] = []
+                pings = threading.Thread(target=_ping_while, args=(pinger, busy, during))
+                start = time.perf_counter()
+                pings.start()
+                for line in sender.stdout:
+                    if line.strip() == "done":
+                        break
+                seconds = (time.perf_counter() - start) / uploads
+                busy.clear()
+                pings.join(60)
+                sender.wait(60)
+                quiet: list[float] = []
+                busy.set()
+                pings = threading.Thread(target=_ping_while, args=(pinger, busy, quiet))
+                pings.start()
+                time.sleep(seconds * uploads)
+                busy.clear()
+                pings.join(60)
+        finally:
+            server.terminate()
+            server.wait(60)
+    return (*_p99(during), len(during)), (*_p99(quiet), len(quiet)), seconds
+
+
+def bench_ping_with_stale_subscriptions(stale: int, count: int) -> tuple[float, float, int]:
+    """Ping round trips (s) with ``stale`` subscriptions of vanished peers while a job computes: median, p99, stale left."""
+    runner = BusyRunner(steps=100_000, step_seconds=0.05)
+    with tempfile.TemporaryDirectory() as store:
+        server = Server(store, "tcp://127.0.0.1:*", runner=runner)
+        endpoint, thread = _serving(server)
+        ctx = zmq.Context.instance()
+        try:
+            with Client(endpoint, timeout=30) as client:
+                running = client.submit("computes", preset="smoke", subscribe=False)
+                waiting = client.submit("waits", preset="smoke", subscribe=False)
+                runner.started.wait(30)
+                for i in range(stale):  # each peer subscribes (to the running or the waiting job), then vanishes
+                    sock = ctx.socket(zmq.DEALER)
+                    sock.setsockopt(zmq.LINGER, 0)
+                    sock.connect(endpoint)
+                    job = waiting if i % 10 else running
+                    sock.send_multipart(encode(Message("subscribe", {"from_seq": 0}, job=job)), copy=False)
+                    sock.recv_multipart()
+                    sock.close()
+                left = len(server._subs)
+                rtts = []
+                for _ in range(count):
+                    rtts.append(client.ping())
+                    time.sleep(0.005)
+                client.cancel(waiting)
+                client.cancel(running)
+        finally:
+            server.stop()
+            thread.join(30)
+    median, p99 = _p99(rtts)
+    return median, p99, left
 
 
 def make_mesh(faces: int = 200_000, texture: int = 1024) -> dict[str, np.ndarray]:
@@ -168,10 +299,33 @@ def main() -> None:
     parser.add_argument("--pings", type=int, default=300)
     parser.add_argument("--meshes", type=int, default=40)
     parser.add_argument("--server-meshes", type=int, default=12)
+    parser.add_argument("--uploads", type=int, default=3, help="256 MiB submits sent while pinging")
+    parser.add_argument("--stale", type=int, default=10_000, help="subscriptions left by vanished peers")
+    parser.add_argument("--only", choices=("ping", "upload", "stale", "throughput"), default=None)
+    parser.add_argument("--serve-quick", nargs=2, metavar=("STORE", "ENDPOINT_FILE"), help=argparse.SUPPRESS)
+    parser.add_argument("--upload", nargs=3, metavar=("ENDPOINT", "COUNT", "MIB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    median, p99, steps = bench_ping(args.pings)
-    print(f"ping round trip while a job computes ({args.pings} pings, job advanced {steps} steps of 50 ms meanwhile): "
-          f"median {median * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms")
+    if args.serve_quick:
+        return serve_quick(*args.serve_quick)
+    if args.upload:
+        return upload(args.upload[0], int(args.upload[1]), int(args.upload[2]))
+    if args.only in (None, "ping"):
+        median, p99, steps = bench_ping(args.pings)
+        print(f"ping round trip while a job computes ({args.pings} pings, job advanced {steps} steps of 50 ms meanwhile): "
+              f"median {median * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms")
+    if args.only in (None, "upload"):
+        (median, p99, n), (q_median, q_p99, q_n), seconds = bench_ping_during_uploads(args.uploads)
+        print(f"ping round trip at a server process while another process sends it {args.uploads} submits of 256 MiB "
+              f"({n} pings, {seconds:.2f} s per upload): median {median * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms "
+              f"(target < 100 ms: {'met' if p99 < 0.1 else 'NOT met'}); the same server as long without uploads "
+              f"({q_n} pings): median {q_median * 1e3:.2f} ms, p99 {q_p99 * 1e3:.2f} ms")
+    if args.only in (None, "stale"):
+        median, p99, left = bench_ping_with_stale_subscriptions(args.stale, args.pings)
+        print(f"ping round trip with {left} subscriptions of {args.stale} vanished peers while a job computes "
+              f"({args.pings} pings): median {median * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms "
+              f"(target < 100 ms: {'met' if p99 < 0.1 else 'NOT met'})")
+    if args.only not in (None, "throughput"):
+        return
     mbs, rate, payload, dec_ms = bench_throughput(args.meshes)
     print(f"mesh throughput over tcp loopback (200,000 faces + 1024x1024 RGB texture = {payload / 1e6:.1f} MB per message, "
           f"{args.meshes} messages): {mbs:.0f} MB/s, {rate:.1f} meshes/s, decode+validate {dec_ms:.2f} ms per message "

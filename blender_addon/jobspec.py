@@ -24,6 +24,12 @@ METHODS: tuple[str, ...] = ("apfo", "vsd", "sds", "fsd")
 PRESETS: tuple[str, ...] = ("paper", "preview", "reference", "smoke")
 #: The backend preset each panel preset sends (the panel's names stay stable in saved .blend files).
 BACKEND_PRESETS: dict[str, str] = {"paper": "paper", "preview": "toy", "reference": "preview", "smoke": "smoke"}
+#: The valid range of each stage setting the panel edits: the backend's declared ranges
+#: (``dreamflow.pipeline.config``), copied because the add-on never imports the backend; a test
+#: keeps the two equal. Everything else (extra overrides) is checked by the server, whose error
+#: names the setting and its range.
+STAGE_LIMITS: dict[str, tuple[float, float]] = {"resolution": (16, 4096), "views_per_t": (1, 64), "steps": (1, 100_000),
+                                                "t_start": (0.0, 1.0), "t_end": (0.0, 1.0)}
 
 
 @dataclass(frozen=True)

@@ -49,19 +49,20 @@ STAGE_DEFAULTS = {
 def _stage_group(name: str) -> type:
     d = STAGE_DEFAULTS[name]
     label = jobspec.STAGE_LABELS[name]
+    lim = jobspec.STAGE_LIMITS  # the backend's ranges of these settings
     annotations = {
         "enabled": BoolProperty(name="Enable", default=True, description=f"Run {label}"),
         "customize": BoolProperty(name="Customise", default=False,
                                   description="Send these values instead of the preset's"),
-        "resolution": IntProperty(name="Resolution", default=d["resolution"], min=16, max=4096,
+        "resolution": IntProperty(name="Resolution", default=d["resolution"], min=lim["resolution"][0], max=lim["resolution"][1],
                                   description="Render resolution in pixels"),
-        "t_start": FloatProperty(name="t start", default=d["t_start"], min=0.0, max=1.0,
+        "t_start": FloatProperty(name="t start", default=d["t_start"], min=lim["t_start"][0], max=lim["t_start"][1],
                                  description="First (largest) diffusion time of the schedule"),
-        "t_end": FloatProperty(name="t end", default=d["t_end"], min=0.0, max=1.0,
+        "t_end": FloatProperty(name="t end", default=d["t_end"], min=lim["t_end"][0], max=lim["t_end"][1],
                                description="Last (smallest) diffusion time of the schedule"),
-        "views_per_t": IntProperty(name="Views per timestep", default=d["views_per_t"], min=1, max=64,
+        "views_per_t": IntProperty(name="Views per timestep", default=d["views_per_t"], min=lim["views_per_t"][0], max=lim["views_per_t"][1],
                                    description="Iterations (random views) spent at each timestep"),
-        "steps": IntProperty(name="Steps", default=d["steps"], min=1, max=100_000,
+        "steps": IntProperty(name="Steps", default=d["steps"], min=lim["steps"][0], max=lim["steps"][1],
                              description="Optimisation iterations of this stage"),
     }
     return type(f"DREAMFLOW_PG_{name}", (bpy.types.PropertyGroup,), {"__annotations__": annotations})

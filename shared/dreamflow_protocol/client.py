@@ -191,7 +191,10 @@ class Client:
         if from_seq is None:
             with self._lock:
                 from_seq = self._last_seq.get(job, -1) + 1
-        return self.request(Message("subscribe", {"from_seq": from_seq}, job=job), timeout).fields
+        fields = self.request(Message("subscribe", {"from_seq": from_seq}, job=job), timeout).fields
+        if fields["next_seq"] < from_seq:
+            raise RequestError(_seq_mismatch_text(job, from_seq, fields["next_seq"]), "seq_mismatch")
+        return fields
 
     def unsubscribe(self, job: str, timeout: float | None = None) -> None:
         """Stop receiving a job's events."""
@@ -343,6 +346,8 @@ class Client:
                 self._resubscribe(sock)
         elif not self._connected.is_set():
             self._connected.set()
+        if msg.type == "subscribed" and msg.fields["next_seq"] < msg.fields["from_seq"]:
+            self._on_seq_mismatch(msg)
         if msg.parent is not None:
             with self._lock:
                 pending = self._pending.get(msg.parent)
@@ -359,6 +364,14 @@ class Client:
             self._on_event(sock, msg)
         else:
             self._events.put(msg)
+
+    def _on_seq_mismatch(self, msg: Message) -> None:
+        """The server's log of a job ends before events this client already has: say so, never wait for them."""
+        job = str(msg.job)
+        with self._lock:
+            self._subs.pop(job, None)
+        text = _seq_mismatch_text(job, msg.fields["from_seq"], msg.fields["next_seq"])
+        self._events.put(Message("error", {"message": text[:4096], "code": "seq_mismatch"}, job=job))
 
     def _on_event(self, sock: zmq.Socket, msg: Message) -> None:
         job, seq = str(msg.job), int(msg.seq or 0)
@@ -382,3 +395,9 @@ class Client:
             else:
                 self._subs[job] = seq
         self._events.put(msg)
+
+
+def _seq_mismatch_text(job: str, from_seq: int, next_seq: int) -> str:
+    return (f"job {job}: asked for events from seq {from_seq}, but the server's log ends before it (next_seq {next_seq}); "
+            f"the server lost events this client already received (its store was damaged or replaced), so the stream "
+            f"cannot continue from here")

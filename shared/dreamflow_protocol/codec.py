@@ -194,11 +194,13 @@ def _depth(value: Any, limit: int, level: int = 0) -> None:
             _depth(v, limit, level + 1)
 
 
-def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
+def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS, contents: bool = True) -> Message:
     """Parse and validate one received message (without the ROUTER identity frame).
 
     Raises ProtocolError naming the first problem; its ``parent`` is the message's id when the
-    header was readable, so the sender can match the error to its request.
+    header was readable, so the sender can match the error to its request. ``contents=False``
+    leaves out the checks that read every array element (a mesh's NaN and face-index checks), for
+    a receiver that runs :func:`check_contents` later on another thread.
     """
     if len(frames) == 0:
         raise ProtocolError("empty message (no header frame)", code="bad_header")
@@ -212,13 +214,13 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
     mid = header.get("id")
     parent = mid if isinstance(mid, str) and ID_PATTERN.fullmatch(mid) else None
     try:
-        return _decode_checked(header, frames, limits, parent)
+        return _decode_checked(header, frames, limits, parent, contents)
     except ProtocolError as exc:
         exc.parent = parent
         raise
 
 
-def _decode_checked(header: dict, frames: Sequence[Any], limits: Limits, mid: str | None) -> Message:
+def _decode_checked(header: dict, frames: Sequence[Any], limits: Limits, mid: str | None, contents: bool) -> Message:
     _depth(header, limits.max_depth)
     unknown = [k for k in header if k not in HEADER_KEYS]
     if unknown:
@@ -275,9 +277,21 @@ def _decode_checked(header: dict, frames: Sequence[Any], limits: Limits, mid: st
         arr = np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
         arr.flags.writeable = False  # it shares the frame's memory: copy it before changing it
         arrays[name] = arr
-    if schema.extra is not None:
-        schema.extra(fields, arrays, mtype)
-    return Message(mtype, fields, arrays, job=job, seq=seq, parent=parent, id=mid)
+    msg = Message(mtype, fields, arrays, job=job, seq=seq, parent=parent, id=mid)
+    if contents:
+        check_contents(msg)
+    return msg
+
+
+def check_contents(msg: Message) -> None:
+    """The checks of a message that read its arrays' contents (decode runs them unless told not to)."""
+    extra = SCHEMAS[msg.type].extra
+    if extra is not None:
+        try:
+            extra(msg.fields, msg.arrays, msg.type)
+        except ProtocolError as exc:
+            exc.parent = msg.id
+            raise
 
 
 def _check_desc(mtype: str, i: int, desc: Any, limits: Limits) -> tuple[str, str, tuple[int, ...]]:

@@ -65,12 +65,13 @@ _DECOYS = {
 }
 
 
-def _commit(model: str) -> str:
+def commit_of(model: str) -> str:
+    """The (made-up, stable) commit a model's files are stored under."""
     return hashlib.sha1(model.encode()).hexdigest()
 
 
-def _build_folder(model: str, folder: Path) -> None:
-    """Save the tiny random pipeline for ``model``, with fp16 variants of its weights beside it."""
+def build_model_folder(model: str, folder: Path) -> None:
+    """Save the tiny random pipeline for ``model`` as its repository holds it: fp16 variants and decoys beside it."""
     from dreamflow.priors.tiny import tiny_sdxl_refiner, tiny_stable_diffusion
 
     if model == SDXL_REFINER:
@@ -95,7 +96,7 @@ def _build_folder(model: str, folder: Path) -> None:
 def add_to_cache(cache: Path, model: str, folder: Path) -> Path:
     """Store ``folder``'s files in ``cache`` as the Hub does; returns the snapshot folder."""
     repo = cache / ("models--" + model.replace("/", "--"))
-    commit = _commit(model)
+    commit = commit_of(model)
     snapshot = repo / "snapshots" / commit
     for root, _dirs, names in os.walk(folder):
         for name in names:
@@ -120,7 +121,7 @@ def build_offline_hub(home: Path, models: tuple[str, ...] = PAPER_MODELS) -> Pat
     staging = home / "staging"
     for model in models:
         folder = staging / model.replace("/", "--")
-        _build_folder(model, folder)
+        build_model_folder(model, folder)
         add_to_cache(home / "hub", model, folder)
     shutil.rmtree(staging)
     return home

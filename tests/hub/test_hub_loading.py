@@ -114,6 +114,7 @@ def test_a_gated_model_says_to_accept_the_licence(monkeypatch, tmp_path):
 
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", gated)  # the first request a download makes
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
     with pytest.raises(PriorLoadError, match=r"gated.*accept its licence at https://huggingface.co/org/gated-model"):
         locate("org/gated-model", "prior")
@@ -168,3 +169,18 @@ def test_a_stable_diffusion_model_can_refine_itself(hub_env):
 def tiny_folder(offline_hub):
     """A plain diffusers folder (the SD 2.1-base snapshot, links resolved)."""
     return cached_snapshot(SD21_BASE, cache=offline_hub / "hub")
+
+
+def test_under_the_server_an_id_shaped_name_never_probes_the_servers_folders(hub_env, tmp_path, monkeypatch):
+    from dreamflow.priors.hub import SERVER_MODE_ENV
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "present").mkdir(parents=True)
+    monkeypatch.setenv(SERVER_MODE_ENV, "1")
+    messages = []
+    for name in ("org/present", "org/absent"):
+        with pytest.raises(PriorLoadError) as err:
+            locate(name, "prior")
+        messages.append(str(err.value).replace(name, "NAME"))
+    assert messages[0] == messages[1]  # the same words whether a folder of that name exists here or not
+    assert str(hub_env) not in messages[0]  # and no path of the server's

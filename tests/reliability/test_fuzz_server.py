@@ -114,10 +114,12 @@ def test_named_errors_for_nan_meshes_versions_unknown_jobs_and_traversal(live):
         h = header(v=2)
         assert "protocol version 2 is not supported" in peer.ask([pack(h)], h["id"]).fields["message"]
         for mtype in ("status", "subscribe", "cancel", "fetch", "unsubscribe"):
-            msg = Message(mtype, job="0" * 32)
-            reply = peer.ask(encode(msg), msg.id)
-            assert reply.type == "error" and reply.fields["message"] == f"unknown job {'0' * 32}", reply.fields
-        for bad_id in ("../" + job, job + "/../..", job.upper(), "0" * 16):
+            for unknown in ("0" * 32, "0" * 16):  # well-formed ids (8-64 hex digits) of no job
+                msg = Message(mtype, job=unknown)
+                reply = peer.ask(encode(msg), msg.id)
+                assert reply.type == "error" and reply.fields["message"] == f"unknown job {unknown}", reply.fields
+                assert reply.fields["code"] == "unknown_job"
+        for bad_id in ("../" + job, job + "/../..", job.upper()):
             for mtype in ("status", "subscribe", "cancel", "fetch"):
                 h = header(type=mtype, job=bad_id)
                 reply = peer.ask([pack(h)], h["id"])

@@ -94,10 +94,10 @@ def test_result_files_cannot_point_outside_the_job_folder(tmp_path):
     (job.out_dir / "up.txt").symlink_to(tmp_path)
     job.save_state(files=["leak.txt", "up.txt", "../spec.json"])
     for name in ("leak.txt", "up.txt"):
-        with pytest.raises(StoreError, match="missing or outside the job folder"):
-            job.result_path(name)
+        with pytest.raises(StoreError, match="missing, a link, or outside the job folder"):
+            job.open_result(name)
     with pytest.raises(StoreError, match="invalid file name"):
-        job.result_path("../spec.json")
+        job.open_result("../spec.json")
 
 
 class EscapingRunner(StepRunner):

@@ -23,7 +23,8 @@ def test_client_commands_fail_with_one_line_when_no_server_answers(argv, capsys)
     assert main([*argv, "--connect", NOWHERE, "--timeout", "0.3"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
-    assert err == f"error: no DreamFlow server answered at {NOWHERE} within 0.3 s; start one with `dreamflow serve`"
+    assert err == (f"error: no DreamFlow server answered at {NOWHERE} within 0.3 s; start one with `dreamflow serve`; "
+                   f"if the server was started with --keys, pass --keys DIR too")
 
 
 def test_submit_wait_status_and_fetch(make_server, tmp_path, capsys):

@@ -29,7 +29,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-frame-mb", type=int, default=512, help="largest array frame accepted, in MiB")
     p.add_argument("--keep-jobs", type=int, default=100, help="finished jobs kept in the store; older ones are deleted (0: all)")
     p.add_argument("--keep-days", type=float, default=30.0, help="days a finished job is kept (0: no age limit)")
+    p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
+                   help="a folder whose models and files jobs may name by path (repeatable); otherwise jobs may name "
+                        "only model ids and the models shipped with DreamFlow")
+    p.add_argument("--max-steps", type=int, default=None, help="refuse jobs with more optimisation steps per stage than this")
+    p.add_argument("--max-resolution", type=int, default=None,
+                   help="refuse jobs with a larger render, mesh, grid or texture resolution than this")
+    p.add_argument("--max-queued-mb", type=int, default=512,
+                   help="bound on bytes waiting to be sent to slow clients, all clients together, in MiB")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    g = p.add_argument_group("scaling out on a Ray cluster (pip install dreamflow[ray]; README \"Scaling out\")")
+    g.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run each job as a Ray actor: auto (the cluster this machine belongs to), local (a private "
+                        "instance here), ray://HOST:PORT (Ray Client) or HOST:PORT (the head's GCS address)")
+    g.add_argument("--job-gpus", type=float, default=None, help="GPUs per job (default: 1 when the cluster has GPUs, else 0)")
+    g.add_argument("--job-cpus", type=float, default=1.0, help="CPUs per job (default 1)")
+    g.add_argument("--job-memory", type=float, default=None, metavar="GIB", help="memory Ray reserves per job, in GiB")
+    g.add_argument("--job-retries", type=int, default=2, help="restarts from the last checkpoint after a lost node (default 2)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("keys", help="make CURVE key pairs for authenticated remote use")
@@ -89,25 +105,46 @@ def _with_client(args: argparse.Namespace, body: Callable[[Any], int]) -> int:
     try:
         client.connect()
         return body(client)
-    except (ConnectionTimeout, RequestError, ProtocolError, OSError) as exc:
+    except ConnectionTimeout as exc:
+        print(f"error: {exc}{_keys_hint(args)}", file=sys.stderr)
+        return 1
+    except (RequestError, ProtocolError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
         client.close()
 
 
+def _keys_hint(args: argparse.Namespace) -> str:
+    """Why a server may not have answered: one that needs keys ignores a client without them."""
+    from ..server import is_loopback
+
+    if args.keys:
+        return (f"; if a server runs there, check that --keys {args.keys} holds its server.key and a client key it "
+                f"authorises (a server silently ignores clients whose keys it does not accept)")
+    if not is_loopback(args.connect):
+        return (f"; {args.connect} is not on this machine, and a remote server needs CURVE keys: pass --keys DIR "
+                f"(server.key, client.key and client.key_secret from `dreamflow keys` on the server)")
+    return "; if the server was started with --keys, pass --keys DIR too"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the server until Ctrl-C or SIGTERM."""
     from dreamflow_protocol import Limits
 
+    from ..priors.hub import SERVER_MODE_ENV
     from ..server import Server, ServerConfigError
 
+    # Model names from clients are ids or allowed paths (admission.py); none may probe this machine.
+    os.environ[SERVER_MODE_ENV] = "1"
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     limits = Limits(max_frame_bytes=args.max_frame_mb * 1024 * 1024,
                     max_message_bytes=max(Limits().max_message_bytes, 2 * args.max_frame_mb * 1024 * 1024))
     try:
         server = Server(args.store, args.bind, max_queue=args.max_queue, limits=limits, keys=args.keys,
-                        keep_jobs=args.keep_jobs or None, keep_days=args.keep_days or None)
+                        keep_jobs=args.keep_jobs or None, keep_days=args.keep_days or None, models_dirs=args.models_dir,
+                        max_steps=args.max_steps, max_resolution=args.max_resolution,
+                        max_queued_bytes=args.max_queued_mb * 1024 * 1024, job_runner=_job_runner(args))
         endpoint = server.open()
     except (ServerConfigError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -122,6 +159,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         server.stop()
     return 0
+
+
+def _job_runner(args: argparse.Namespace) -> Any:
+    """The Ray runner's factory under --ray (Ray is imported only then); None: the in-process worker."""
+    ray_flags = [f for f, v in (("--job-gpus", args.job_gpus), ("--job-memory", args.job_memory)) if v is not None]
+    if args.ray is None:
+        if ray_flags:
+            raise ValueError(f"{', '.join(ray_flags)} need --ray ADDRESS (jobs run in this process otherwise)")
+        return None
+    try:
+        from ..server.ray_runner import RayOptions, ray_job_runner
+    except ImportError as exc:
+        raise ValueError(f"--ray needs Ray: pip install 'dreamflow[ray]' ({exc})") from None
+    options = RayOptions(address=args.ray, job_gpus=args.job_gpus, job_cpus=args.job_cpus, job_memory_gb=args.job_memory,
+                         max_retries=args.job_retries)
+    options.check()
+    return ray_job_runner(options)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -259,8 +313,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(json.dumps(client.status(args.job), indent=1, sort_keys=True))
             return 0
         server = client.status()
+        running = server.get("running_jobs") or ([server["running"]] if server.get("running") else [])
+        where = ""
+        if server.get("runner") == "ray":
+            free = server.get("free") or {}
+            where = f"; Ray at {server.get('ray_address')}: {server.get('slots')} jobs at once, {free.get('GPU', 0):g} GPU free"
         print(f"server {server['server_id'][:8]} v{server['version']}, up {_duration(server['uptime'])}, "
-              f"{server['queued']}/{server['max_queue']} queued, running: {server['running'] or 'nothing'}")
+              f"{server['queued']}/{server['max_queue']} queued, running: {', '.join(running) or 'nothing'}{where}")
         for job in client.list_jobs(limit=20):
             step = f"{job['stage']} {job['step']}/{job['total']}" if job.get("stage") else ""
             print(f"{job['job']}  {job['state']:<10} {step:<20} {job['prompt'][:60]}")

@@ -9,11 +9,11 @@ Files are written to a temporary name and renamed, so a reader never sees half a
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 
+from ..safe_files import atomic_write
 from .mesh import MeshData, MeshError
 
 
@@ -29,12 +29,7 @@ def y_up_to_z_up(v: np.ndarray) -> np.ndarray:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 def to_trimesh(mesh: MeshData):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from ..config import setting
+
 from .loop import Method
 from .noise import FreshNoise, NoiseSource
 from .schedules import TimestepSchedule
@@ -20,11 +22,11 @@ class MethodConfig:
 
     name: MethodName = "apfo"
     schedule: TimestepSchedule = TimestepSchedule()
-    guidance: float = 7.5                 # diffusers form: D_u + guidance * (D_c - D_u)
+    guidance: float = setting(7.5, 0.0, 1000.0)                # diffusers form: D_u + guidance * (D_c - D_u)
     score_model: Literal["lora", "identity", "exact"] = "lora"
-    fsd_beta: float = 1.0                 # FSD: weight of the world-map noise against fresh noise
-    fsd_map_scale: float = 2.0            # FSD: world-map size relative to one view's noise map
-    sds_scale: float = 1.0                # SDS/VSD/FSD: multiplier on w(t)/sigma
+    fsd_beta: float = setting(1.0, 0.0, 10.0)                # FSD: weight of the world-map noise against fresh noise
+    fsd_map_scale: float = setting(2.0, 1.0, 16.0)           # FSD: world-map size relative to one view's noise map
+    sds_scale: float = setting(1.0, 0.0, 1000.0)               # SDS/VSD/FSD: multiplier on w(t)/sigma
 
 
 def method_defaults(name: str, stage: MethodConfig) -> MethodConfig:

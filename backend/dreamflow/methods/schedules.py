@@ -11,6 +11,8 @@ from typing import Literal
 
 import torch
 
+from ..config import setting
+
 
 @dataclass(frozen=True)
 class StepInfo:
@@ -38,12 +40,12 @@ class TimestepSchedule:
     """
 
     kind: Literal["decreasing", "uniform", "annealed"] = "decreasing"
-    t_start: float = 1.0
-    t_end: float = 0.2
-    views_per_t: int = 5
+    t_start: float = setting(1.0, 0.0, 1.0)
+    t_end: float = setting(0.2, 0.0, 1.0)
+    views_per_t: int = setting(5, 1, 64)
     curve: Literal["linear", "sqrt"] = "linear"
-    anneal_after: int = 5000
-    anneal_t_max: float = 0.5
+    anneal_after: int = setting(5000, 0, 1_000_000)
+    anneal_t_max: float = setting(0.5, 0.0, 1.0)
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.t_end <= self.t_start <= 1.0):

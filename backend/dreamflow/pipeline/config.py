@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Mapping
 
-from ..config import ConfigError, apply_overrides
+from ..config import ConfigError, apply_overrides, check_ranges, setting
 from ..methods.registry import METHOD_NAMES, MethodConfig, method_defaults
 from ..methods.schedules import TimestepSchedule
 from ..scene.cameras import CameraRanges
@@ -25,18 +25,18 @@ class PriorConfig:
     """Which diffusion priors to load. Model ids are Hugging Face ids or local folders."""
 
     kind: Literal["stable-diffusion", "reference", "tiny"] = "stable-diffusion"
-    model: str = "stabilityai/stable-diffusion-2-1-base"        # D_p, stages 1-2
-    phi_model: str = "stabilityai/stable-diffusion-2-1"         # base of the LoRA D_phi (v-prediction)
-    refiner_model: str = "stabilityai/stable-diffusion-xl-refiner-1.0"  # stage 3, both D_p and D_phi base
-    reference: str = "builtin"        # reference prior: "builtin" or a mesh file
-    reference_std: float = 0.05       # s of the reference prior's Gaussian around the reference render
+    model: str = setting("stabilityai/stable-diffusion-2-1-base", path="model")        # D_p, stages 1-2
+    phi_model: str = setting("stabilityai/stable-diffusion-2-1", path="model")         # base of the LoRA D_phi (v-prediction)
+    refiner_model: str = setting("stabilityai/stable-diffusion-xl-refiner-1.0", path="model")  # stage 3, both D_p and D_phi base
+    reference: str = setting("builtin", path="file")        # reference prior: "builtin" or a mesh file
+    reference_std: float = setting(0.05, 0.0, 10.0, lo_open=True)       # s of the reference prior's Gaussian around the reference render
     # The VAE of prior.model sees renders resized to this (SD's native 512 for the paper's 256 px
     # renders); 0 keeps each render's own size.
-    encode_size: int = 512
+    encode_size: int = setting(512, 0, 4096)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     local_files_only: bool = False
-    lora_rank: int = 4
-    lora_lr: float = 1e-3
+    lora_rank: int = setting(4, 1, 256)
+    lora_lr: float = setting(1e-3, 0.0, 1.0)
     camera_embedding: bool = False    # DreamFlow: "not training it also works"
 
 
@@ -45,27 +45,27 @@ class NerfStageConfig:
     """Stage 1: NeRF from scratch with APFO."""
 
     enabled: bool = True
-    steps: int = 4000
-    resolution: int = 256
-    samples_per_ray: int = 512
-    views_per_iteration: int = 1
+    steps: int = setting(4000, 1, 100_000, cost="steps")
+    resolution: int = setting(256, 16, 4096, cost="resolution")
+    samples_per_ray: int = setting(512, 1, 4096)
+    views_per_iteration: int = setting(1, 1, 64)
     method: MethodConfig = MethodConfig(schedule=TimestepSchedule("decreasing", 1.0, 0.2, 5))
     grid: HashGridConfig = HashGridConfig()
-    mlp_width: int = 64
-    lr_grid: float = 1e-2
-    lr_mlp: float = 1e-3
-    lr_background: float = 1e-3
-    density_bias_scale: float = 10.0
-    density_bias_radius: float = 0.5
-    orientation_weight: float = 1e-2
-    occupancy_resolution: int = 64
-    occupancy_every: int = 16         # refresh the empty-space grid every N steps
-    occupancy_threshold: float = 0.5  # density below which a cell is skipped
+    mlp_width: int = setting(64, 1, 1024)
+    lr_grid: float = setting(1e-2, 0.0, 1.0)
+    lr_mlp: float = setting(1e-3, 0.0, 1.0)
+    lr_background: float = setting(1e-3, 0.0, 1.0)
+    density_bias_scale: float = setting(10.0, 0.0, 1000.0)
+    density_bias_radius: float = setting(0.5, 0.0, 10.0)
+    orientation_weight: float = setting(1e-2, 0.0, 1000.0)
+    occupancy_resolution: int = setting(64, 8, 512, cost="resolution")
+    occupancy_every: int = setting(16, 1, 100_000)         # refresh the empty-space grid every N steps
+    occupancy_threshold: float = setting(0.5, 0.0, 10_000.0)  # density below which a cell is skipped
     cameras: CameraRanges = CameraRanges()
-    preview_every: int = 50
-    mesh_every: int = 500
-    mesh_resolution: int = 128
-    mesh_level: float = 10.0          # density iso-level of the extracted surface
+    preview_every: int = setting(50, 0, 100_000)  # 0: never
+    mesh_every: int = setting(500, 0, 100_000)  # 0: only the final mesh
+    mesh_resolution: int = setting(128, 16, 1024, cost="resolution")
+    mesh_level: float = setting(10.0, 0.0, 10_000.0)          # density iso-level of the extracted surface
 
 
 @dataclass(frozen=True)
@@ -73,21 +73,21 @@ class GeometryStageConfig:
     """Stage 2a: DMTet geometry tuning on normal-map renders, D_phi = x."""
 
     enabled: bool = True
-    steps: int = 5000
-    resolution: int = 512
-    views_per_iteration: int = 1
+    steps: int = setting(5000, 1, 100_000, cost="steps")
+    resolution: int = setting(512, 16, 4096, cost="resolution")
+    views_per_iteration: int = setting(1, 1, 64)
     method: MethodConfig = MethodConfig(schedule=TimestepSchedule("decreasing", 0.8, 0.4, 5), score_model="identity")
-    tet_resolution: int = 128
+    tet_resolution: int = setting(128, 8, 512, cost="resolution")
     # Density iso-level of the DMTet's starting surface; 0 = "auto", the mean density on the grid.
     # A NeRF's walls can be a diffuse volume (density 2-6) well below the mesh export's level.
-    init_level: float = 0.0
-    lr: float = 1e-2
+    init_level: float = setting(0.0, 0.0, 10_000.0)
+    lr: float = setting(1e-2, 0.0, 1.0)
     # Per rendered pixel (the image loss sums over pixels), so the balance holds at any resolution.
-    normal_consistency_weight: float = 1e-3
-    laplacian_weight: float = 1e-3
+    normal_consistency_weight: float = setting(1e-3, 0.0, 1000.0)
+    laplacian_weight: float = setting(1e-3, 0.0, 1000.0)
     cameras: CameraRanges = CameraRanges()
-    preview_every: int = 50
-    mesh_every: int = 250
+    preview_every: int = setting(50, 0, 100_000)  # 0: never
+    mesh_every: int = setting(250, 0, 100_000)  # 0: only the final mesh
 
 
 @dataclass(frozen=True)
@@ -95,16 +95,16 @@ class TextureStageConfig:
     """Stage 2b: colour field on the fixed mesh, rasterised, APFO with the LoRA D_phi."""
 
     enabled: bool = True
-    steps: int = 2000
-    resolution: int = 512
-    views_per_iteration: int = 1
+    steps: int = setting(2000, 1, 100_000, cost="steps")
+    resolution: int = setting(512, 16, 4096, cost="resolution")
+    views_per_iteration: int = setting(1, 1, 64)
     method: MethodConfig = MethodConfig(schedule=TimestepSchedule("decreasing", 0.5, 0.1, 5))
     grid: HashGridConfig = HashGridConfig()
-    lr_grid: float = 1e-2
-    lr_mlp: float = 1e-3
+    lr_grid: float = setting(1e-2, 0.0, 1.0)
+    lr_mlp: float = setting(1e-3, 0.0, 1.0)
     cameras: CameraRanges = CameraRanges()
-    preview_every: int = 50
-    mesh_every: int = 250
+    preview_every: int = setting(50, 0, 100_000)  # 0: never
+    mesh_every: int = setting(250, 0, 100_000)  # 0: only the final mesh
 
 
 @dataclass(frozen=True)
@@ -112,27 +112,27 @@ class RefineStageConfig:
     """Stage 3: refinement with the SDXL refiner at 1024x1024, timestep spacing 10."""
 
     enabled: bool = True
-    steps: int = 300
-    resolution: int = 1024
-    views_per_iteration: int = 1
+    steps: int = setting(300, 1, 100_000, cost="steps")
+    resolution: int = setting(1024, 16, 4096, cost="resolution")
+    views_per_iteration: int = setting(1, 1, 64)
     method: MethodConfig = MethodConfig(schedule=TimestepSchedule("decreasing", 0.3, 0.0, 10))
     grid: HashGridConfig = HashGridConfig()
-    lr_grid: float = 1e-2
-    lr_mlp: float = 1e-3
-    lr_geometry: float = 0.0          # > 0: per-vertex offsets also move (faces kept); 0 keeps the mesh exactly
+    lr_grid: float = setting(1e-2, 0.0, 1.0)
+    lr_mlp: float = setting(1e-3, 0.0, 1.0)
+    lr_geometry: float = setting(0.0, 0.0, 1.0)          # > 0: per-vertex offsets also move (faces kept); 0 keeps the mesh exactly
     cameras: CameraRanges = CameraRanges()
-    preview_every: int = 10
-    mesh_every: int = 50
+    preview_every: int = setting(10, 0, 100_000)  # 0: never
+    mesh_every: int = setting(50, 0, 100_000)  # 0: only the final mesh
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     """The final asset."""
 
-    texture_size: int = 2048
-    face_budget: int = 200_000
+    texture_size: int = setting(2048, 16, 8192, cost="resolution")
+    face_budget: int = setting(200_000, 100, 10_000_000)
     write_obj: bool = False
-    view_resolution: int = 128        # turntable.png tiles and the held-out views of the quality metrics
+    view_resolution: int = setting(128, 16, 2048, cost="resolution")        # turntable.png tiles and the held-out views of the quality metrics
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class JobConfig:
 
     prompt: str = ""
     negative_prompt: str = ""
-    seed: int = 0
+    seed: int = setting(0, 0, 2**32 - 1)
     method: Literal["apfo", "vsd", "sds", "fsd"] = "apfo"
     device: str = "auto"
     prior: PriorConfig = PriorConfig()
@@ -150,7 +150,7 @@ class JobConfig:
     texture: TextureStageConfig = TextureStageConfig()
     refine: RefineStageConfig = RefineStageConfig()
     export: ExportConfig = ExportConfig()
-    checkpoint_every: int = 100
+    checkpoint_every: int = setting(100, 0, 100_000)  # 0: no checkpoints
 
 
 def _paper() -> JobConfig:
@@ -249,7 +249,7 @@ PRESETS = {"paper": _paper, "preview": _preview, "toy": _toy, "smoke": _smoke}
 
 
 def build_config(preset: str = "preview", overrides: Mapping[str, Any] | None = None, **top: Any) -> JobConfig:
-    """Preset + overrides (dotted paths) + top-level fields (prompt, seed, method, ...), checked.
+    """Preset + overrides (dotted paths) + top-level fields (prompt, seed, method, ...), checked (names, types, ranges).
 
     A method other than APFO replaces each stage's method settings with that method's own
     defaults (methods.registry.method_defaults) before the overrides apply.
@@ -268,6 +268,7 @@ def build_config(preset: str = "preview", overrides: Mapping[str, Any] | None = 
             refine=replace(cfg.refine, method=method_defaults(cfg.method, cfg.refine.method)),
         )
     cfg = apply_overrides(cfg, dict(overrides or {}))
+    check_ranges(cfg)
     if cfg.prior.kind == "stable-diffusion":
         from ..toyworld.world import check_prompt_for_model
 

@@ -8,7 +8,6 @@ renderer (NeRF after stage 1, textured mesh after stages 2-3), used for turntabl
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from ..events import EventSink, JobControl
 from ..export.mesh import MeshData
 from ..methods.loop import StepReport
+from ..safe_files import atomic_write, open_read
 from ..scene.cameras import Cameras
 from .config import JobConfig
 
@@ -72,20 +72,16 @@ class JobContext:
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh: torch.save(state, fh))
 
     def load_checkpoint(self, stage: str) -> dict | None:
         """A stage's saved state, or None."""
         path = self.checkpoint_path(stage)
-        if path is None or not path.is_file():
+        if path is None or not (path.is_file() or path.is_symlink()):
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            with open_read(path) as fh:  # a link planted there is refused, never loaded
+                return torch.load(fh, map_location="cpu", weights_only=False)
         except Exception as exc:  # writes are atomic, so this is damage from outside: start the stage afresh
             self.emit("log", {"level": "warning", "stage": stage,
                               "message": f"checkpoint {path.name} is unreadable ({type(exc).__name__}: {str(exc)[:200]}); "

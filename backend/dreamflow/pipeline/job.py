@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from ..config import ConfigError, to_dict
 from ..events import EventSink, JobControl
 from ..export.files import write_glb, write_obj, write_png
 from ..export.mesh import MeshData, MeshError
+from ..safe_files import atomic_write
 from ..scene.cameras import Cameras, orbit
 from .config import JobConfig
 from .context import JobContext
@@ -107,10 +107,8 @@ def _loss_plot(ctx: JobContext, path: Path) -> None:
     ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _finite(x: float) -> float | None:
@@ -189,7 +187,5 @@ def run_job(config: JobConfig, out_dir: Path, sink: EventSink, control: JobContr
     }
     files["report"] = "report.json"
     report["files"] = dict(files)
-    tmp = out_dir / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out_dir / "report.json")
+    atomic_write(out_dir / "report.json", json.dumps(report, indent=2).encode())
     return JobResult(files, report)

@@ -99,9 +99,20 @@ def variant_for_dtype(dtype_name: str) -> str | None:
     return "fp16" if dtype_name in ("float16", "bfloat16") else None
 
 
+#: Set (to "1") by ``dreamflow serve``: a name shaped like a Hugging Face id is then always one, never
+#: a folder relative to the server's working directory, and errors do not show the server's paths,
+#: so that what a client names cannot tell it what exists on the server.
+SERVER_MODE_ENV = "DREAMFLOW_SERVER_MODEL_NAMES"
+
+
+def _server_mode() -> bool:
+    return os.environ.get(SERVER_MODE_ENV) == "1"
+
+
 def is_hub_id(model: str) -> bool:
-    """Whether ``model`` reads as a Hugging Face id (and is not an existing local path)."""
-    return not Path(model).expanduser().exists() and bool(_HUB_ID.match(model)) and not model.startswith(".")
+    """Whether ``model`` reads as a Hugging Face id (and, outside a server, is not an existing local path)."""
+    shaped = bool(_HUB_ID.match(model)) and not model.startswith(".")
+    return shaped if _server_mode() else shaped and not Path(model).expanduser().exists()
 
 
 def hub_cache_dir() -> Path:
@@ -271,7 +282,8 @@ def locate(model: str, role: str, variant: str | None = None, local_files_only: 
             if offline or not download:
                 raise
     elif offline or not download:
-        raise _error(model, role, None, f"is not in the Hugging Face cache ({hub_cache_dir()})"
+        where = "" if _server_mode() else f" ({hub_cache_dir()})"
+        raise _error(model, role, None, f"is not in the Hugging Face cache{where}"
                      + (" and the network is off (HF_HUB_OFFLINE / local files only)" if offline else ""),
                      _fix_hint(model, role))
     return _download(model, role, variant, revision)
@@ -303,15 +315,20 @@ def _from_listing(model: str, role: str, folder: Path, source: str, listing: lis
 
 def _download(model: str, role: str, variant: str | None, revision: str) -> ModelFiles:
     """Fetch model_index.json, list the repository, then download exactly the needed files."""
+    import httpx2
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub import errors as hf_errors
 
     cache = hub_cache_dir()
+    api = HfApi()
     try:
+        # One request without retries first: an unreachable Hub (or a missing or gated model) fails
+        # here at once, where the downloads below retry with back-off for half a minute per model.
+        api.model_info(model, revision=revision)
         index_path = hf_hub_download(model, "model_index.json", revision=revision, cache_dir=cache)
         index = parse_index(Path(index_path).read_text(), model, role)
         parts = parts_for(index, role, model)
-        listing = HfApi().list_repo_files(model, revision=revision)
+        listing = api.list_repo_files(model, revision=revision)
         files, _weights, missing = select_files(listing, parts, variant)
         if missing:
             raise _error(model, role, missing[0].split("/", 1)[0],
@@ -329,10 +346,10 @@ def _download(model: str, role: str, variant: str | None, revision: str) -> Mode
                      "check the id (and log in with `hf auth login` if it is private)") from None
     except hf_errors.RevisionNotFoundError:
         raise _error(model, role, None, f"has no revision {revision!r}", "check the revision") from None
-    except hf_errors.LocalEntryNotFoundError:  # what huggingface_hub raises when the Hub cannot be reached
+    except (hf_errors.LocalEntryNotFoundError, httpx2.ConnectError, httpx2.TimeoutException):  # Hub unreachable
         raise _error(model, role, None, "is not in the cache and the Hugging Face Hub could not be reached",
                      "check the network or a proxy (HF_ENDPOINT), or copy a cache that holds the model") from None
-    except (OSError, hf_errors.HfHubHTTPError) as exc:  # disk full, HTTP errors
+    except (OSError, httpx2.HTTPError) as exc:  # disk full, HTTP errors, a connection cut for good mid-file
         raise _error(model, role, None, f"could not be downloaded ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
                      "check the network (or set HF_HUB_OFFLINE=1 and use a model already in the cache)") from None
     return _from_listing(model, role, snapshot, "hub", list_files(snapshot), variant)

@@ -15,16 +15,17 @@ from dataclasses import dataclass
 import torch
 
 from ..devices import upload
+from ..config import setting
 
 
 @dataclass(frozen=True)
 class CameraRanges:
     """Sampling ranges for training views (ProlificDreamer / threestudio practice)."""
 
-    distance: tuple[float, float] = (1.0, 1.5)
-    fovy_deg: tuple[float, float] = (40.0, 70.0)
-    elevation_deg: tuple[float, float] = (-10.0, 45.0)
-    azimuth_deg: tuple[float, float] = (-180.0, 180.0)
+    distance: tuple[float, float] = setting((1.0, 1.5), 0.0, 100.0, lo_open=True)
+    fovy_deg: tuple[float, float] = setting((40.0, 70.0), 1.0, 179.0)
+    elevation_deg: tuple[float, float] = setting((-10.0, 45.0), -90.0, 90.0)
+    azimuth_deg: tuple[float, float] = setting((-180.0, 180.0), -360.0, 360.0)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import accel
+from ..config import setting
 
 #: The spatial-hash primes of Instant NGP (one per dimension; the first is 1 for coherence).
 HASH_PRIMES = (1, 2654435761, 805459861)
@@ -180,11 +181,11 @@ class TcnnHashGrid(nn.Module):
 class HashGridConfig:
     """Multi-resolution hash grid (Instant NGP); the paper's stage-1 values are the defaults."""
 
-    levels: int = 16
-    log2_table_size: int = 19
-    features_per_level: int = 4
-    base_resolution: int = 16
-    max_resolution: int = 2048
+    levels: int = setting(16, 1, 32)
+    log2_table_size: int = setting(19, 8, 24)
+    features_per_level: int = setting(4, 1, 8)
+    base_resolution: int = setting(16, 1, 4096)
+    max_resolution: int = setting(2048, 1, 16384)
 
 
 def make_hash_grid(config: HashGridConfig, device: torch.device | str, backend: str = "auto",

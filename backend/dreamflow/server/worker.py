@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
@@ -21,6 +22,8 @@ from dreamflow_protocol import Message, ProtocolError, validate_message
 from dreamflow_protocol.schema import SCHEMAS, Nullable
 
 from ..events import Cancelled, JobControl
+from ..safe_files import is_link_free
+from .runners import JobQueue, run_spec
 from .store import TERMINAL_STATES, JobRecord, JobStore, StoreError
 
 log = logging.getLogger("dreamflow.server")
@@ -51,8 +54,9 @@ class JobSink:
         self.publish = publish
         self._warned: set[str] = set()
 
-    def emit(self, kind: str, fields: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> None:
-        """Turn one pipeline event into a stored, published protocol message."""
+    def emit(self, kind: str, fields: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None,
+             event_id: str | None = None) -> None:
+        """Turn one pipeline event into a stored, published protocol message (``event_id``: its id, when given)."""
         fields = dict(fields)
         arrays = dict(arrays or {})
         if kind not in PIPELINE_KINDS:
@@ -82,7 +86,7 @@ class JobSink:
             arrays = {"image": next(iter(arrays.values()))}
         if kind == "preview" and "image" in arrays:
             arrays["image"] = _as_uint8_image(arrays["image"])
-        msg = Message(kind, fields, arrays, job=self.job.job_id, seq=0)
+        msg = Message(kind, fields, arrays, job=self.job.job_id, seq=0, **({"id": event_id} if event_id else {}))
         try:
             validate_message(msg)
         except ProtocolError as exc:
@@ -122,7 +126,7 @@ def _as_uint8_image(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-class Worker:
+class Worker(JobQueue):
     """One thread that runs queued jobs in order with the injected runner."""
 
     def __init__(self, store: JobStore, publish: Callable[[JobRecord, Message], None], runner: Runner | None = None) -> None:
@@ -149,27 +153,6 @@ class Worker:
             current[1].cancel("server shutting down")
         self._thread.join(timeout)
 
-    def enqueue(self, job_id: str) -> int:
-        """Queue a job; its position (0 = next to run)."""
-        with self._cond:
-            self._queue.append(job_id)
-            self._cond.notify_all()
-            return len(self._queue) - 1
-
-    def queued(self) -> list[str]:
-        """Job ids waiting to run, in order."""
-        with self._cond:
-            return list(self._queue)
-
-    def remove(self, job_id: str) -> bool:
-        """Take a waiting job off the queue; False if it was not waiting."""
-        with self._cond:
-            try:
-                self._queue.remove(job_id)
-                return True
-            except ValueError:
-                return False
-
     def cancel_running(self, job_id: str, reason: str) -> bool:
         """Tell the running job to stop at its next step; False if it is not the running one."""
         with self._cond:
@@ -178,6 +161,15 @@ class Worker:
             return False
         current[1].cancel(reason)
         return True
+
+    def running(self) -> list[str]:
+        """The running job's id (a list: other runners run several at once)."""
+        current = self.current
+        return [current[0]] if current else []
+
+    def describe(self) -> dict[str, Any]:
+        """Where jobs run: here, one at a time."""
+        return {"runner": "in-process", "slots": 1}
 
     def _run(self) -> None:
         while True:
@@ -208,8 +200,6 @@ class Worker:
                     self.current = None
 
     def _run_job(self, job: JobRecord, control: JobControl) -> None:
-        from ..pipeline.config import build_config  # the pipeline layer, below the server
-
         sink = JobSink(job, self.publish)
         resumed = job.state.get("state") == "running"  # it was running when the server stopped
         job.save_state(state="running", started=time.time(), resumes=job.state.get("resumes", 0) + int(resumed))
@@ -218,17 +208,10 @@ class Worker:
         spec = job.spec
         start = time.perf_counter()
         try:
-            config = build_config(spec.get("preset") or "preview", spec.get("overrides") or {}, prompt=spec["prompt"],
-                                  negative_prompt=spec.get("negative_prompt"), seed=spec.get("seed"), method=spec.get("method"))
-            mesh_arrays = job.input_mesh()
-            input_mesh = None
-            if mesh_arrays:
-                from ..export.mesh import MeshData
-
-                input_mesh = MeshData.from_arrays(mesh_arrays).validate()
-            result = self.runner(config, job.out_dir, sink, control, input_mesh=input_mesh,
-                                 start_stage=spec.get("start_stage"), start_t=spec.get("start_t"),
-                                 checkpoint_dir=job.checkpoint_dir)
+            for sub in ("out", "checkpoints"):
+                if not is_link_free(job.folder, sub):  # the pipeline would write through it
+                    raise StoreError(f"the job's {sub} folder is a symbolic link or missing; refusing to write through it")
+            result = run_spec(spec, job.input_mesh(), job.out_dir, sink, control, job.checkpoint_dir, self.runner)
             files = self._result_files(job, getattr(result, "files", {}) or {})
             report = getattr(result, "report", None) or {}
             job.save_state(files=files)
@@ -258,13 +241,16 @@ class Worker:
 
     @staticmethod
     def _result_files(job: JobRecord, files: Mapping[str, str]) -> list[str]:
-        root = job.out_dir.resolve()
         names = []
         for rel in files.values():
-            path = (root / str(rel)).resolve()
-            if root not in path.parents or not path.is_file():
-                raise StoreError(f"the pipeline reported a result file {rel!r} that is not a file inside the job's out folder")
-            names.append(path.relative_to(root).as_posix())
+            rel = Path(str(rel)).as_posix()
+            try:
+                with job.open_result_unlisted(rel):
+                    pass
+            except StoreError:
+                raise StoreError(f"the pipeline reported a result file {rel!r} that is not a file inside the job's out "
+                                 f"folder") from None
+            names.append(rel)
         return sorted(set(names))
 
 
