@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,8 +58,11 @@ class Renderable:
 
         if self.mesh.texture is None and self.vertex_colours is None:
             raise MeshError("the asset has no texture and no vertex colours, so its colour cannot be judged")
+        mesh = self.mesh
+        if mesh.texture is not None and not mesh.texture.flags.writeable:  # a GLB's image: torch wants to own it
+            mesh = replace(mesh, texture=mesh.texture.copy())
         # No supersampling: drawn exactly like the world's images (dataset.render_object).
-        renderer = ReferenceRenderer(self.mesh, self.vertex_colours, background=BACKGROUND, supersample=1, device=device)
+        renderer = ReferenceRenderer(mesh, self.vertex_colours, background=BACKGROUND, supersample=1, device=device)
         return renderer.render(cameras, resolution)
 
 
