@@ -49,7 +49,8 @@ MEASURES = (("r_precision", "R-precision", True), ("chamfer_rel", "Chamfer (rel.
 def _stage_overrides(stages: Sequence[str], budget: int) -> dict[str, Any]:
     """Enable only ``stages``; each enabled stage gets ``budget`` steps."""
     out: dict[str, Any] = {}
-    for name, attr, _ in STAGES:
+    for stage in STAGES:
+        name, attr = stage.name, stage.config_attr
         on = name in stages or attr in stages
         out[f"{attr}.enabled"] = on
         if on:
