@@ -85,14 +85,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             raise ValueError(str(exc)) from exc
         scorer = load_scorer(args.clip, args.evaluator, device)
-        torch.set_grad_enabled(False)
         rows = []
-        for path, mesh, prompt in assets:
-            row = {"asset": str(path), **score_asset(mesh, prompt, scorer, prompts, views=args.views,
-                                                      ground_truth=not args.no_ground_truth, device=device)}
-            rows.append(row)
-            if Path(path).is_dir():
-                _atomic_json(row, Path(path) / "eval.json")
+        # Scoped, not torch.set_grad_enabled(False): the command also runs inside other programs (tests).
+        with torch.no_grad():
+            for path, mesh, prompt in assets:
+                row = {"asset": str(path), **score_asset(mesh, prompt, scorer, prompts, views=args.views,
+                                                          ground_truth=not args.no_ground_truth, device=device)}
+                rows.append(row)
+                if Path(path).is_dir():
+                    _atomic_json(row, Path(path) / "eval.json")
     except (ValueError, MeshError, ScorerLoadError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
