@@ -182,7 +182,7 @@ def test_a_submitted_mesh_with_nan_or_inf_is_refused_naming_the_array(name, bad,
     arrays[name] = arr
     frames = [bytes(f) for f in encode(Message("submit", {"prompt": "p"}, arrays), validate=False)]
     exc = decode_or_error(frames)
-    assert isinstance(exc, ProtocolError) and f"{name} contain NaN or infinite values" in str(exc)
+    assert isinstance(exc, ProtocolError) and name in str(exc) and "NaN or infinite" in str(exc), str(exc)
 
 
 TRAVERSALS = ["../../etc", "..", "/etc/passwd", "ab" * 16 + "/..", "AB" * 16, "ab" * 33, "ab" * 16 + "\x00"]

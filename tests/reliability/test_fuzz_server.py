@@ -110,7 +110,7 @@ def test_named_errors_for_nan_meshes_versions_unknown_jobs_and_traversal(live):
         nan["vertices"][3, 1] = np.inf
         submit = Message("submit", {"prompt": "p"}, nan)
         reply = peer.ask(encode(submit, validate=False), submit.id)
-        assert reply.type == "error" and "vertices contain NaN or infinite values" in reply.fields["message"]
+        assert reply.type == "error" and "vertices have NaN or infinite coordinates" in reply.fields["message"]
         h = header(v=2)
         assert "protocol version 2 is not supported" in peer.ask([pack(h)], h["id"]).fields["message"]
         for mtype in ("status", "subscribe", "cancel", "fetch", "unsubscribe"):
