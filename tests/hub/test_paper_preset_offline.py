@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 from offline_hub import PAPER_MODELS
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
+from reliability_helpers import serve, stop  # noqa: E402
+
 TINY = [
     "stage1.steps=2", "stage1.resolution=32", "stage1.samples_per_ray=16", "stage1.grid.log2_table_size=12",
     "stage1.grid.levels=4", "stage1.mesh_resolution=32", "stage1.mesh_every=2", "stage1.occupancy_resolution=16",
@@ -64,20 +67,15 @@ def test_generate_with_the_paper_preset_runs_every_stage_from_the_offline_cache(
 @pytest.mark.slow
 def test_serve_and_submit_with_the_paper_preset_run_every_stage_from_the_offline_cache(offline_hub, tmp_path):
     env = _env(offline_hub)
-    server = subprocess.Popen([sys.executable, "-m", "dreamflow", "serve", "--bind", "tcp://127.0.0.1:*", "--store",
-                               str(tmp_path / "store")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    server, endpoint = serve(tmp_path / "store", env={"HF_HOME": env["HF_HOME"], "HF_HUB_OFFLINE": "1"})
     try:
-        line = server.stdout.readline()
-        assert "listening on tcp://127.0.0.1:" in line, line + server.stderr.read()
-        endpoint = line.split("listening on ")[1].split()[0]
         out = tmp_path / "out"
         done = _dreamflow("submit", "a red chair", "--preset", "paper", *SET_TINY, "--wait", "--out", str(out),
                           "--connect", endpoint, env=env)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         _check_report(out)
     finally:
-        server.terminate()
-        server.wait()
+        stop(server)
 
 
 def test_a_model_missing_from_the_cache_fails_generate_with_one_line(tmp_path):
