@@ -45,8 +45,22 @@ def test_serve_command_refuses_a_public_bind_without_keys_and_accepts_it_with_ke
                            "--store", str(tmp_path / "s")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stderr.startswith("error: refusing to bind tcp://0.0.0.0:0")
     assert "listening" not in done.stdout and not (tmp_path / "s").exists()
+    # With keys the same bind is accepted and serves. The socket listens on every interface for the
+    # moment of the test, behind CURVE; the client reaches it over loopback.
     keys = create_keys(tmp_path / "keys")
-    Server(tmp_path / "s2", "tcp://0.0.0.0:0", keys=keys)  # constructed (never opened here: no public socket in tests)
+    proc, endpoint = serve(tmp_path / "s2", "--keys", str(tmp_path / "keys"), bind="tcp://0.0.0.0:*")
+    try:
+        port = endpoint.rsplit(":", 1)[1]
+        assert endpoint.startswith("tcp://0.0.0.0:") and port.isdigit()
+        with Client(f"tcp://127.0.0.1:{port}", keys=load_client_keys(keys), timeout=20) as client:
+            assert client.capabilities["auth"] == "curve"
+            assert client.status(), "an authorised client gets the server's summary"
+        unkeyed = Client(f"tcp://127.0.0.1:{port}", keys=None, timeout=1.0)
+        with pytest.raises(ConnectionTimeout):
+            unkeyed.connect()
+        unkeyed.close()
+    finally:
+        stop(proc)
 
 
 def _secrets(folder) -> list[bytes]:
