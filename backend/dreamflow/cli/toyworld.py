@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--steps", type=int, default=None, help="UNet/text-encoder steps (default: the shipped model's)")
     tr.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default: the shipped model's)")
     tr.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    tr.add_argument("--vae-from", default=None, metavar="DIR",
+                    help="reuse the VAE of an earlier run's model folder instead of training one (saves its steps)")
     tr.set_defaults(func=cmd_train)
     sa = acts.add_parser("sample", help="draw 2D samples of prompts from a toy model (a PNG grid per prompt set)")
     sa.add_argument("--model", default=None, help="diffusers folder (default: the shipped generator)")
@@ -45,7 +47,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig()
     changes = {k: v for k, v in (("seed", args.seed), ("steps", args.steps), ("vae_steps", args.vae_steps)) if v is not None}
     cfg = replace(cfg, **changes)
-    train(args.out, cfg, log=lambda line: print(line, flush=True))
+    if args.vae_from is not None and not (Path(args.vae_from) / "vae" / "config.json").is_file():
+        print(f"error: --vae-from {args.vae_from}: not a model folder with a vae/ part "
+              f"(give an earlier run's OUT/generator)", file=sys.stderr)
+        return 2
+    train(args.out, cfg, log=lambda line: print(line, flush=True), vae_from=args.vae_from)
     return 0
 
 
