@@ -45,11 +45,12 @@ from dataclasses import replace
 
 import torch
 
+from dreamflow.methods.loop import NumericalDivergence
 from dreamflow.pipeline.image2d import Image2DConfig, gmm_metrics, optimise_particles
 from dreamflow.priors.gmm import GaussianMixturePrior
 
 BUDGETS = (50, 200, 500)
-GRID = (0.25, 0.5, 1.0, 2.0, 4.0)
+GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 TUNING_SEED_OFFSET = 1000
 #: (row label, method, t schedule, score model)
 VARIANTS = (
@@ -72,6 +73,8 @@ def tuning_rank(r: dict) -> tuple[float, float]:
     spread tie). The MMD is not the criterion: its kernel, narrow enough to see within-mode
     detail, reads every set far from all samples alike, so it would rank particles 20 s off the
     modes above particles collapsed onto them; it stays an independent check in the rows."""
+    if r.get("diverged"):
+        return (math.inf, math.inf)
     spread = r["spread_ratio"]
     return (-r["modes_covered"], abs(math.log(spread)) if spread > 0 else float("inf"))
 
@@ -102,7 +105,12 @@ def run(seed: int = 0, dim: int = 8, modes: int = 8, particles: int = 16, std: f
                 tuning = []
                 for eta in grid:
                     tune_cfg = replace(run_cfg, seed=seed + TUNING_SEED_OFFSET, step_size=eta)
-                    x, _, _ = optimise_particles(tune_cfg, prior)
+                    try:
+                        x, _, _ = optimise_particles(tune_cfg, prior)
+                    except NumericalDivergence:
+                        # Too large a step for this method: the loop's rollbacks could not save it.
+                        tuning.append({"step_size": eta, "diverged": True})
+                        continue
                     m = gmm_metrics(prior, x, prompted, seed=tune_cfg.seed)
                     tuning.append({"step_size": eta, **{k: m[k] for k in METRICS}})
                 best = min(tuning, key=tuning_rank)
@@ -113,7 +121,9 @@ def run(seed: int = 0, dim: int = 8, modes: int = 8, particles: int = 16, std: f
                 rows.append({"scenario": scenario, "method": label, "steps": steps, "step_size": best["step_size"],
                              "guidance": mcfg.guidance, "score_model": score_model, "t_schedule": t_schedule,
                              **{k: m[k] for k in (*METRICS, "modes")},
-                             "final_grad_norm": history[-1].grad_norm, "seconds": seconds, "tuning": tuning})
+                             "final_grad_norm": history[-1].grad_norm, "seconds": seconds, "tuning": tuning,
+                             # The tuned step is the grid's largest or smallest: the grid may be too narrow.
+                             "eta_at_grid_edge": best["step_size"] in (min(grid), max(grid))})
     return {"setting": {"seed": seed, "tuning_seed": seed + TUNING_SEED_OFFSET, "shape": [3, dim, dim],
                         "modes": modes, "particles": particles, "std": std, "kernel": kernel, "phi_lr": phi_lr,
                         "grid": list(grid), "budgets": list(budgets),
@@ -131,13 +141,15 @@ def table(rows: list[dict], spread: dict | None = None) -> str:
             if r["scenario"] != scenario:
                 continue
             sd = (spread or {}).get((r["scenario"], r["method"], r["steps"]))
-            eta = "-" if r["step_size"] is None else f"{r['step_size']:g}"
+            eta = "-" if r["step_size"] is None else f"{r['step_size']:g}" + ("*" if r.get("eta_at_grid_edge") else "")
             modes = f"{r['modes_covered']:.1f}/{r['modes']}"
             spread_txt = f"{r['spread_ratio']:.2f}" + (f"±{sd['spread_ratio']:.2f}" if sd else "")
             mmd_txt = f"{r['mmd']:.4f}" + (f"±{sd['mmd']:.4f}" if sd else "")
             lines.append(f"{r['method']:22} {r['steps']:5d} {eta:>5} {modes:>9} {r['mode_balance']:7.2f} "
                          f"{spread_txt:>11} {mmd_txt:>15}")
         lines.append("")
+    if any(r.get("eta_at_grid_edge") for r in rows):
+        lines.append("* the tuned step size is at the edge of the grid (in at least one seed): widen --grid")
     return "\n".join(lines)
 
 
@@ -152,6 +164,7 @@ def aggregate(results: list[dict]) -> tuple[list[dict], dict]:
         row = dict(rs[0])
         for k in METRICS:
             row[k] = statistics.fmean(r[k] for r in rs)
+        row["eta_at_grid_edge"] = any(r.get("eta_at_grid_edge") for r in rs)
         etas = [r["step_size"] for r in rs if r["step_size"] is not None]
         row["step_size"] = statistics.median(etas) if etas else None
         spread[key] = {k: statistics.stdev([r[k] for r in rs]) if len(rs) > 1 else 0.0 for k in METRICS}

@@ -51,3 +51,16 @@ def test_bench_runs_tunes_and_writes_json(tmp_path, capsys):
     assert bench.main(["--aggregate", str(out), str(other)]) == 0
     text = capsys.readouterr().out
     assert "mean ± std over 2 seeds" in text and text.count("[guided]") == 1
+
+
+def test_a_step_size_that_diverges_loses_the_tuning_and_an_edge_optimum_is_flagged(tmp_path, capsys):
+    bench = load_bench()
+    out = tmp_path / "bench.json"
+    # 1e6 times the way to the target: the loop's rollbacks cannot save it, so it must not win.
+    assert bench.main(["--dim", "4", "--modes", "4", "--particles", "6", "--budgets", "8", "--grid", "1,1e6",
+                       "--methods", "sds", "--scenarios", "unconditional", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    row = [r for r in json.loads(out.read_text())["rows"] if r["method"] == "sds"][0]
+    assert [t.get("diverged", False) for t in row["tuning"]] == [False, True]
+    assert row["step_size"] == 1.0 and row["eta_at_grid_edge"]
+    assert "1*" in text and "widen --grid" in text
