@@ -51,7 +51,7 @@ class TrainConfig:
     vae_steps: int = 500
     vae_batch: int = 32
     vae_lr: float = 2e-3
-    steps: int = 4000
+    steps: int = 2500
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 100
