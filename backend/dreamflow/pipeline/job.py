@@ -43,6 +43,16 @@ from .stage_loop import Stage, run_stage
 STAGES: list[Stage] = [NERF_STAGE, GEOMETRY_STAGE, TEXTURE_STAGE, REFINE_STAGE]
 
 TURNTABLE_VIEWS = 8
+TURNTABLE_FOVY = 50.0
+
+
+def turntable_distance(mesh: MeshData, nearest: float = 1.3) -> float:
+    """Camera distance of the turntable: ``nearest``, or farther when the asset's bounding sphere
+    about the origin would not fit the view (an asset larger than the unit box is still shown whole)."""
+    if len(mesh.vertices) == 0:
+        return nearest
+    radius = float(np.linalg.norm(np.asarray(mesh.vertices, dtype=np.float64), axis=1).max())
+    return max(nearest, 1.1 * radius / math.sin(math.radians(TURNTABLE_FOVY / 2.0)))
 #: Default size of turntable tiles and evaluation views (``export.view_resolution`` sets it per job).
 EVAL_RESOLUTION = 128
 
@@ -151,7 +161,7 @@ def run_job(config: JobConfig, out_dir: Path, sink: EventSink, control: JobContr
         for p in write_obj(ctx.output_mesh(asset), out_dir / "model.obj"):
             files[p.name] = p.name
 
-    cams = orbit(TURNTABLE_VIEWS, elevation_deg=20.0, distance=1.3, fovy_deg=50.0)
+    cams = orbit(TURNTABLE_VIEWS, elevation_deg=20.0, distance=turntable_distance(asset), fovy_deg=TURNTABLE_FOVY)
     res = config.export.view_resolution
     rows = [render_asset(asset, cams, res, device)]
     if ctx.reference is not None:
