@@ -81,6 +81,9 @@ class GeometryStageConfig:
     # Density iso-level of the DMTet's starting surface; 0 = "auto", the mean density on the grid.
     # A NeRF's walls can be a diffuse volume (density 2-6) well below the mesh export's level.
     init_level: float = setting(0.0, 0.0, 10_000.0)
+    # "mesh": start from stage 1's exported mesh instead (its largest parts only: a short run's
+    # NeRF keeps faint floaters that the raw density would turn into surface up to the grid's edge).
+    init_from: Literal["density", "mesh"] = "density"
     lr: float = setting(1e-2, 0.0, 1.0)
     # Per rendered pixel (the image loss sums over pixels), so the balance holds at any resolution.
     normal_consistency_weight: float = setting(1e-3, 0.0, 1000.0)
@@ -231,8 +234,12 @@ def _toy() -> JobConfig:
         stage1=replace(p.stage1, steps=300, cameras=TOY_CAMERAS, method=lora),
         # The toy model never saw normal maps, so 2a's pull on the surface is weak and noisy: fewer,
         # smaller steps on 128 px normal maps (the VAE sees 64), mostly turning the NeRF into a DMTet mesh.
-        geometry=replace(p.geometry, steps=150, resolution=128, lr=1e-3, cameras=TOY_CAMERAS),
-        texture=replace(p.texture, cameras=TOY_CAMERAS,
+        # It starts from stage 1's exported mesh: the short run's NeRF keeps faint floaters that,
+        # read from the raw density, grew surface out to the tet grid's edge and cost silhouette IoU.
+        geometry=replace(p.geometry, steps=150, resolution=128, lr=1e-3, cameras=TOY_CAMERAS, init_from="mesh"),
+        # The paper's texture learning rates: the preview's raised ones (tuned on the exact reference
+        # prior) moved stage 1's already right colours further from the object's true colour.
+        texture=replace(p.texture, cameras=TOY_CAMERAS, lr_grid=1e-2, lr_mlp=1e-3,
                         method=replace(lora, schedule=TimestepSchedule("decreasing", 0.5, 0.1, 1))),
         refine=replace(p.refine, resolution=128, cameras=TOY_CAMERAS,
                        method=replace(lora, schedule=TimestepSchedule("decreasing", 0.3, 0.0, 2))),

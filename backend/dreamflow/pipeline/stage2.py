@@ -115,14 +115,15 @@ def geometry_prior(prior: Prior) -> Prior:
 
 
 def initial_dmtet(ctx: JobContext, incoming: NerfResult | InputMesh, resolution: int) -> DMTet:
-    """A DMTet grid whose SDF comes from the stage-1 density field, or else from the incoming mesh."""
+    """A DMTet grid whose SDF comes from the stage-1 density field (``geometry.init_from="density"``)
+    or from the incoming mesh: stage 1's exported one (``"mesh"``), or an input mesh."""
     from ..scene.dmtet import sdf_from_density, sdf_from_mesh
 
     dmtet = DMTet(resolution, device=ctx.device)
     src = incoming.mesh
     nerf = incoming.field if isinstance(incoming, NerfResult) else None
     sdf = None
-    if nerf is not None:
+    if nerf is not None and ctx.config.geometry.init_from == "density":
         level = ctx.config.geometry.init_level
         if level <= 0:
             with torch.no_grad():
