@@ -113,15 +113,26 @@ def run(seed: int = 0, dim: int = 8, modes: int = 8, particles: int = 16, std: f
                         continue
                     m = gmm_metrics(prior, x, prompted, seed=tune_cfg.seed)
                     tuning.append({"step_size": eta, **{k: m[k] for k in METRICS}})
-                best = min(tuning, key=tuning_rank)
-                start = time.perf_counter()
-                x, history, mcfg = optimise_particles(replace(run_cfg, step_size=best["step_size"]), prior)
-                seconds = time.perf_counter() - start
+                # The tuning seed's best step; should it diverge on the evaluation seed, the next best
+                # (recorded in the row, so the fallback is visible).
+                eval_diverged = []
+                for best in sorted((t for t in tuning if not t.get("diverged")), key=tuning_rank):
+                    start = time.perf_counter()
+                    try:
+                        x, history, mcfg = optimise_particles(replace(run_cfg, step_size=best["step_size"]), prior)
+                    except NumericalDivergence:
+                        eval_diverged.append(best["step_size"])
+                        continue
+                    seconds = time.perf_counter() - start
+                    break
+                else:
+                    raise NumericalDivergence(f"{label} at {steps} steps diverged at every step size of the grid")
                 m = gmm_metrics(prior, x, prompted, seed=seed)
                 rows.append({"scenario": scenario, "method": label, "steps": steps, "step_size": best["step_size"],
                              "guidance": mcfg.guidance, "score_model": score_model, "t_schedule": t_schedule,
                              **{k: m[k] for k in (*METRICS, "modes")},
                              "final_grad_norm": history[-1].grad_norm, "seconds": seconds, "tuning": tuning,
+                             "eval_diverged_step_sizes": eval_diverged,
                              # The tuned step is the grid's largest or smallest: the grid may be too narrow.
                              "eta_at_grid_edge": best["step_size"] in (min(grid), max(grid))})
     return {"setting": {"seed": seed, "tuning_seed": seed + TUNING_SEED_OFFSET, "shape": [3, dim, dim],
@@ -142,6 +153,7 @@ def table(rows: list[dict], spread: dict | None = None) -> str:
                 continue
             sd = (spread or {}).get((r["scenario"], r["method"], r["steps"]))
             eta = "-" if r["step_size"] is None else f"{r['step_size']:g}" + ("*" if r.get("eta_at_grid_edge") else "")
+            eta += "!" if r.get("eval_diverged_step_sizes") else ""
             modes = f"{r['modes_covered']:.1f}/{r['modes']}"
             spread_txt = f"{r['spread_ratio']:.2f}" + (f"±{sd['spread_ratio']:.2f}" if sd else "")
             mmd_txt = f"{r['mmd']:.4f}" + (f"±{sd['mmd']:.4f}" if sd else "")
@@ -150,6 +162,8 @@ def table(rows: list[dict], spread: dict | None = None) -> str:
         lines.append("")
     if any(r.get("eta_at_grid_edge") for r in rows):
         lines.append("* the tuned step size is at the edge of the grid (in at least one seed): widen --grid")
+    if any(r.get("eval_diverged_step_sizes") for r in rows):
+        lines.append("! the tuned step size diverged on the evaluation seed: the row ran at the next best one")
     return "\n".join(lines)
 
 
@@ -165,6 +179,7 @@ def aggregate(results: list[dict]) -> tuple[list[dict], dict]:
         for k in METRICS:
             row[k] = statistics.fmean(r[k] for r in rs)
         row["eta_at_grid_edge"] = any(r.get("eta_at_grid_edge") for r in rs)
+        row["eval_diverged_step_sizes"] = [e for r in rs for e in r.get("eval_diverged_step_sizes", [])]
         etas = [r["step_size"] for r in rs if r["step_size"] is not None]
         row["step_size"] = statistics.median(etas) if etas else None
         spread[key] = {k: statistics.stdev([r[k] for r in rs]) if len(rs) > 1 else 0.0 for k in METRICS}

@@ -64,3 +64,29 @@ def test_a_step_size_that_diverges_loses_the_tuning_and_an_edge_optimum_is_flagg
     assert [t.get("diverged", False) for t in row["tuning"]] == [False, True]
     assert row["step_size"] == 1.0 and row["eta_at_grid_edge"]
     assert "1*" in text and "widen --grid" in text
+
+
+def test_a_tuned_step_that_diverges_on_the_evaluation_seed_falls_back_to_the_next_best_visibly(tmp_path, capsys,
+                                                                                                monkeypatch):
+    bench = load_bench()
+    real = bench.optimise_particles
+    seen = []
+
+    def diverging_on_the_evaluation_seed(cfg, prior):
+        seen.append((cfg.seed, cfg.step_size))
+        if cfg.seed == 0 and cfg.steps == 8 and cfg.step_size == best_on_tuning[0]:
+            raise bench.NumericalDivergence("diverged")
+        return real(cfg, prior)
+
+    # First find which step the tuning seed prefers, then make exactly that one diverge at evaluation.
+    out = tmp_path / "a.json"
+    args = ["--dim", "4", "--modes", "4", "--particles", "6", "--budgets", "8", "--grid", "0.5,1",
+            "--methods", "apfo", "--scenarios", "unconditional", "--json", str(out)]
+    assert bench.main(args) == 0
+    best_on_tuning = [[r for r in json.loads(out.read_text())["rows"] if r["method"] == "apfo"][0]["step_size"]]
+    monkeypatch.setattr(bench, "optimise_particles", diverging_on_the_evaluation_seed)
+    capsys.readouterr()
+    assert bench.main(args) == 0
+    row = [r for r in json.loads(out.read_text())["rows"] if r["method"] == "apfo"][0]
+    assert row["eval_diverged_step_sizes"] == best_on_tuning and row["step_size"] != best_on_tuning[0]
+    assert "!" in capsys.readouterr().out
