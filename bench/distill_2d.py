@@ -50,7 +50,7 @@ from dreamflow.pipeline.image2d import Image2DConfig, gmm_metrics, optimise_part
 from dreamflow.priors.gmm import GaussianMixturePrior
 
 BUDGETS = (50, 200, 500)
-GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+GRID = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 TUNING_SEED_OFFSET = 1000
 #: (row label, method, t schedule, score model)
 VARIANTS = (
