@@ -66,3 +66,18 @@ def test_dmtet_from_a_mesh_sdf_rebuilds_the_mesh_and_regularisers_are_finite():
     nc, lap = normal_consistency(v, f), laplacian_smoothness(v, f)
     (nc + lap).backward()
     assert torch.isfinite(d.sdf.grad).all() and float(d.sdf.grad.abs().sum()) > 0
+
+
+def test_mesh_sdf_is_the_distance_near_the_surface_and_only_the_sign_beyond_three_cells():
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.35)
+    grid = DMTet(40).grid
+    sdf = sdf_from_mesh(sphere.vertices, sphere.faces, grid).double()
+    exact = grid.vertices.double().norm(dim=-1) - 0.35
+    band = 3.0 * grid.spacing
+    near = exact.abs() < 0.8 * band
+    # Near the surface: the distance to it, to within the spacing of the surface samples (about h/3).
+    assert (sdf[near] - exact[near]).abs().max() < 0.5 * grid.spacing
+    # Beyond the band: clamped, with the right side (inside negative), both inside and out.
+    far = exact.abs() > 1.2 * band
+    assert (far & (exact < 0)).any() and (far & (exact > 0)).any()
+    assert torch.allclose(sdf[far], torch.sign(exact[far]) * band, rtol=0, atol=1e-6)
