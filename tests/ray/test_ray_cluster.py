@@ -217,6 +217,26 @@ def test_a_restarted_server_whose_job_lost_its_worker_meanwhile_resumes_it_from_
     assert state["ray_attempts"] == 2 and state["resumes"] == 1 and state["state"] == "done"
 
 
+def test_a_done_job_leaves_its_worker_warm_for_the_next_and_an_unclaimed_one_gives_its_gpu_back(cluster, ray_server):
+    start, store, procs = ray_server
+    endpoint = start("tcp://127.0.0.1:*", "--worker-idle", "5")
+    client = Client(endpoint, timeout=30)
+    with client:
+        first = client.submit("first", preset="smoke", seed=1, overrides=job_overrides(4))
+        assert collect(client, first, timeout=240)[-1].type == "job_done"
+        wait_for(lambda: client.status()["warm_workers"] == 1, timeout=5)
+        second = client.submit("second", preset="smoke", seed=2, overrides=job_overrides(4))
+        events = collect(client, second, timeout=240)
+        assert events[-1].type == "job_done"
+        # The same process ran both: no placement, no new process, no imports for the second.
+        assert state_of(store, second)["ray_node"]["pid"] == state_of(store, first)["ray_node"]["pid"]
+        assert any(m.type == "log" and "on a warm worker (its job 2)" in m.fields["message"] for m in events)
+        assert state_of(store, second)["ray_start_seconds"] < state_of(store, first)["ray_start_seconds"]
+        # No job comes: after --worker-idle seconds the worker ends and its node's GPU is free again.
+        wait_for(lambda: client.status()["warm_workers"] == 1, timeout=5)
+        wait_for(lambda: client.status()["warm_workers"] == 0 and client.status()["free"].get("GPU") == 2.0, timeout=60)
+
+
 # Last: it kills the second node.
 def test_two_jobs_run_at_once_on_two_nodes_a_third_waits_and_a_killed_node_costs_only_its_last_steps(cluster, ray_server):
     start, store, procs = ray_server

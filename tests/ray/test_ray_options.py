@@ -54,6 +54,7 @@ def test_ray_flags_without_ray_are_one_clear_line(tmp_path):
     (["--ray", "local", "--job-gpus", "-1"], "--job-gpus must be in [0, 64]"),
     (["--ray", "local", "--job-memory", "0"], "--job-memory must be in (0, 4096]"),
     (["--ray", "local", "--job-retries", "-2"], "--job-retries must be in [0, 100]"),
+    (["--ray", "local", "--worker-idle", "-1"], "--worker-idle must be in [0, 3600] seconds"),
 ])
 def test_bad_ray_flags_are_refused_by_name(args, words):
     from dreamflow.cli import build_parser

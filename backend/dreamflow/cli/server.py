@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--job-cpus", type=float, default=1.0, help="CPUs per job (default 1)")
     g.add_argument("--job-memory", type=float, default=None, metavar="GIB", help="memory Ray reserves per job, in GiB")
     g.add_argument("--job-retries", type=int, default=2, help="restarts from the last checkpoint after a lost node (default 2)")
+    g.add_argument("--worker-idle", type=float, default=30.0, metavar="SECONDS",
+                   help="how long a worker whose job is done stays warm, holding its GPU, for the next queued job "
+                        "(default 30; 0: a new worker for every job)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("keys", help="make CURVE key pairs for authenticated remote use")
@@ -173,7 +176,7 @@ def _job_runner(args: argparse.Namespace) -> Any:
     except ImportError as exc:
         raise ValueError(f"--ray needs Ray: pip install 'dreamflow[ray]' ({exc})") from None
     options = RayOptions(address=args.ray, job_gpus=args.job_gpus, job_cpus=args.job_cpus, job_memory_gb=args.job_memory,
-                         max_retries=args.job_retries)
+                         max_retries=args.job_retries, worker_idle_seconds=args.worker_idle)
     options.check()
     return ray_job_runner(options)
 

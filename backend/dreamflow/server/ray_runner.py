@@ -1,4 +1,4 @@
-"""Jobs on a Ray cluster: one detached actor per job, placed by its GPU/CPU/memory needs.
+"""Jobs on a Ray cluster: each job on a detached actor, placed by its GPU/CPU/memory needs.
 
 Imported only by ``dreamflow serve --ray ADDRESS``; nothing else in DreamFlow imports Ray.
 
@@ -26,6 +26,12 @@ How a job runs (and why this shape):
   notices each new one and sends it in the same ordered stream as the events, and the server
   writes it into the job's store (``jobs/<id>/checkpoints``). A retry, on any node, starts with
   the store's checkpoints copied to its local disk. Result files come back the same way.
+- **Warm workers.** A worker whose job finished cleanly waits ``worker_idle_seconds`` (holding its
+  slot) for the next queued job, which then skips Ray's placement, a new process and its imports:
+  a fresh worker paid about 2.4 s of CPU per job for those on the 2-core VM, and on a GPU node
+  this is also where loaded models would be kept. A job that fails or is cancelled ends its
+  worker (freeing its GPU at once, and leaving no state a broken job may have left behind); an
+  idle worker that no server claims ends itself a little later.
 - **Faults.** An actor that dies (its node killed or removed) is started again from the last
   checkpoint the server holds, up to ``max_retries`` times, each with a ``log`` event; then the
   job fails with a clear message. A job that raises ends its actor, which frees its GPU. Actors
@@ -77,6 +83,11 @@ _MAX_PENDING_EVENTS = 4096
 _PULL_WAIT = 0.5
 #: Seconds an unreachable actor is given to come back before its job is retried elsewhere.
 _UNAVAILABLE_SECONDS = 30.0
+#: Seconds an idle worker waits beyond its server's idle limit before it ends itself (a server that
+#: died cannot end it; one that lives ends it first, so the two never race for the same worker).
+_IDLE_GRACE = 30.0
+#: Seconds the server gives a warm worker to answer before it starts a fresh one instead.
+_WARM_ANSWER = 10.0
 
 
 @dataclass
@@ -88,6 +99,7 @@ class RayOptions:
     job_cpus: float = 1.0
     job_memory_gb: float | None = None     # memory Ray reserves for each job (None: no reservation)
     max_retries: int = 2                   # restarts after a lost node; then the job fails
+    worker_idle_seconds: float = 30.0      # a worker that finished a job waits this long for the next (0: one per job)
     orphan_seconds: float = 600.0          # an actor with no server for this long cancels its job and exits
 
     def check(self) -> None:
@@ -100,6 +112,8 @@ class RayOptions:
             raise ValueError(f"--job-memory must be in (0, 4096] GiB (got {self.job_memory_gb})")
         if not 0 <= self.max_retries <= 100:
             raise ValueError(f"--job-retries must be in [0, 100] (got {self.max_retries})")
+        if not 0 <= self.worker_idle_seconds <= 3600:
+            raise ValueError(f"--worker-idle must be in [0, 3600] seconds (got {self.worker_idle_seconds})")
         if not self.orphan_seconds > 0:
             raise ValueError(f"orphan_seconds must be positive (got {self.orphan_seconds})")
 
@@ -124,13 +138,24 @@ class _StreamSink:
 
 
 class JobActor:
-    """One job on one Ray worker (created with ``ray.remote(JobActor).options(...)``)."""
+    """A Ray worker that runs one job at a time (created with ``ray.remote(JobActor).options(...)``)."""
 
-    def __init__(self, job_id: str, orphan_seconds: float) -> None:
-        self.job_id = job_id
-        self.folder = Path(tempfile.mkdtemp(prefix=f"dreamflow-{job_id[:12]}-"))
-        self.control = JobControl()
+    def __init__(self, orphan_seconds: float, idle_seconds: float) -> None:
         self._cond = threading.Condition()
+        self._contact = time.monotonic()
+        self._orphan_seconds = orphan_seconds
+        self._idle_seconds = idle_seconds
+        self._idle_since: float | None = None  # set while it waits, warm, between jobs
+        self._closing = False
+        self.jobs_run = 0
+        self._clear(None)
+        threading.Thread(target=self._watchdog, name="dreamflow-worker-watchdog", daemon=True).start()
+
+    def _clear(self, job_id: str | None) -> None:
+        """Forget the last job's state; ready for ``job_id`` (None: idle)."""
+        self.job_id = job_id
+        self.folder = Path(tempfile.mkdtemp(prefix=f"dreamflow-{job_id[:12]}-")) if job_id else None
+        self.control = JobControl()
         self._entries: collections.deque[tuple] = collections.deque()  # entries from index _base on
         self._sizes: collections.deque[int] = collections.deque()
         self._base = 0
@@ -138,12 +163,9 @@ class JobActor:
         self._ids: dict[str, int] = {}  # event id -> entry index, for a re-attaching server
         self._end: dict[str, Any] | None = None
         self._seen: dict[str, tuple[int, int]] = {}
-        self._contact = time.monotonic()
-        self._orphan_seconds = orphan_seconds
         self._thread: threading.Thread | None = None
         self._last_step: tuple[str, int] | None = None  # the last progress event's (stage, step)
         self._cancel_step: tuple[str, int] | None = None  # ...when the cancel arrived
-        threading.Thread(target=self._watchdog, name="dreamflow-orphan-watchdog", daemon=True).start()
 
     # Methods the server calls.
 
@@ -151,10 +173,20 @@ class JobActor:
         """Where this job runs."""
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "host": socket.gethostname(), "ip": ray.util.get_node_ip_address(),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid(), "version": __version__}
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid(), "version": __version__,
+                "jobs_run": self.jobs_run}
 
-    def start(self, spec: dict[str, Any], input_arrays: dict[str, np.ndarray], checkpoints: dict[str, np.ndarray]) -> bool:
-        """Start the job on its own thread, from the checkpoints the server holds."""
+    def start(self, job_id: str, spec: dict[str, Any], input_arrays: dict[str, np.ndarray],
+              checkpoints: dict[str, np.ndarray]) -> bool:
+        """Start a job on its own thread, from the checkpoints the server holds; False if this worker is
+        busy or ending (the server then starts a fresh one)."""
+        with self._cond:
+            if self._closing or self.job_id is not None:
+                return False
+            self._idle_since = None
+            self._contact = time.monotonic()
+            self._clear(job_id)
+            self.jobs_run += 1
         ckpt_dir = self.folder / "checkpoints"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         for name, data in checkpoints.items():
@@ -183,18 +215,33 @@ class JobActor:
             done = self._end is not None and cursor + len(entries) >= total
             return {"entries": entries, "next": cursor + len(entries), "end": self._end if done else None}
 
-    def cursor_after(self, stored_ids: list[str]) -> int:
-        """The index after the newest entry whose event id the server has stored (0 if none)."""
+    def cursor_after(self, job_id: str, stored_ids: list[str]) -> int:
+        """The index after the newest entry whose event id the server has stored (0 if none); -1 if this
+        worker is not running ``job_id``."""
         with self._cond:
             self._contact = time.monotonic()
+            if job_id != self.job_id:
+                return -1
             return max((self._ids[i] + 1 for i in stored_ids if i in self._ids), default=0)
 
-    def cancel(self, reason: str) -> None:
-        """Stop the job at its next optimisation step."""
-        self._cancel_step = self._last_step
-        self.control.cancel(reason)
+    def cancel(self, job_id: str, reason: str) -> None:
+        """Stop the job at its next optimisation step (a cancel for a job this worker has left is ignored)."""
         with self._cond:
+            if job_id != self.job_id:
+                return
+            self._cancel_step = self._last_step
+            self.control.cancel(reason)
             self._cond.notify_all()
+
+    def finish_job(self) -> bool:
+        """The server has stored the job's end: drop its files and wait, warm, for the next job."""
+        with self._cond:
+            if self._end is None or self._closing:
+                return False
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self._clear(None)
+            self._idle_since = time.monotonic()
+            return True
 
     # The job's side.
 
@@ -252,19 +299,25 @@ class JobActor:
         while True:
             time.sleep(min(5.0, self._orphan_seconds / 4))
             with self._cond:
-                silent = time.monotonic() - self._contact
-            if silent > self._orphan_seconds:
+                now = time.monotonic()
+                if self._idle_since is not None and now - self._idle_since > self._idle_seconds + _IDLE_GRACE:
+                    self._closing = True  # idle, and no server claimed it: give the node its slot back
+                    os._exit(0)
+                silent = now - self._contact
+            if silent > self._orphan_seconds and self._idle_since is None:
                 break
         # No server has asked for this job's events for a long time: stop it (the server that
         # comes back resumes it from its checkpoint) and give the node's GPU back.
         self.control.cancel("no server followed this job")
         if self._thread is not None:
             self._thread.join(120)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
         os._exit(0)
 
     def __del__(self) -> None:
-        shutil.rmtree(getattr(self, "folder", ""), ignore_errors=True)
+        if getattr(self, "folder", None) is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _checkpoint_stats(folder: Path) -> dict[str, tuple[int, int]]:
@@ -302,6 +355,8 @@ class RayJobs(JobQueue):
         self._cond = threading.Condition()
         self._stop = False
         self._running: dict[str, Any] = {}  # job id -> its actor handle (None while it is being placed)
+        self._idle: list[tuple[Any, str, float]] = []  # warm workers between jobs: (actor, name, idle since)
+        self._placing: set[str] = set()  # jobs whose new actor waits for Ray to place it
         self._cancels: dict[str, str] = {}
         self._threads: list[threading.Thread] = []
         self._slots = 0
@@ -346,6 +401,10 @@ class RayJobs(JobQueue):
         for thread in [self._dispatcher, *self._threads]:
             if thread.is_alive():
                 thread.join(timeout)
+        with self._cond:
+            idle, self._idle = self._idle, []
+        for actor, _, _ in idle:
+            _kill(actor)  # no job on them: nothing a restarted server could re-attach to
         if ray.is_initialized():
             ray.shutdown()
 
@@ -367,7 +426,7 @@ class RayJobs(JobQueue):
             self._cancels[job_id] = reason
             actor = self._running[job_id]
         if actor is not None:
-            actor.cancel.remote(reason)  # fire and forget: the follower sees the job end
+            actor.cancel.remote(job_id, reason)  # fire and forget: the follower sees the job end
         return True
 
     def running(self) -> list[str]:
@@ -381,6 +440,7 @@ class RayJobs(JobQueue):
             lat = sorted(self._latencies)
         pct = (lambda q: round(1000 * lat[min(len(lat) - 1, int(q * len(lat)))], 2)) if lat else (lambda q: None)
         return {"runner": "ray", "ray_address": self.options.address, "slots": self._slots, "free": dict(self._free),
+                "warm_workers": len(self._idle),
                 "job_resources": {"GPU": self._job_gpus, "CPU": self.options.job_cpus,
                                   "memory_gb": self.options.job_memory_gb},
                 "relay_latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "events": len(lat)}}
@@ -410,32 +470,44 @@ class RayJobs(JobQueue):
                 if self._stop:
                     return
                 reattach, self._reattach = self._reattach, []
-                launch = None
-                if self._queue and len(self._running) < slots:
+                launch, warm = None, None
+                # A warm worker holds a slot of its own: the next job takes it before a new one is placed.
+                if self._queue and (self._idle or len(self._running) + len(self._idle) < slots):
                     launch = self._queue.popleft()
+                    warm = self._idle.pop() if self._idle else None
                 for job_id in [*reattach, *([launch] if launch else [])]:
                     self._running[job_id] = None
+                now = time.monotonic()
+                # A new actor waiting for a node may be waiting for the very slot a warm worker holds.
+                expired = [w for w in self._idle if now - w[2] > self.options.worker_idle_seconds or self._placing]
+                self._idle = [w for w in self._idle if w not in expired]
                 if not reattach and launch is None:
-                    self._cond.wait(1.0)
-                    continue
+                    if not expired:
+                        self._cond.wait(1.0)
+            for actor, _, _ in expired:
+                _kill(actor)  # no job came for it: its node gets the slot back
             for job_id in reattach:
                 self._follow(job_id, reattach=True)
             if launch is not None:
-                self._follow(launch, reattach=False)
+                self._follow(launch, reattach=False, warm=warm)
 
-    def _follow(self, job_id: str, reattach: bool) -> None:
-        thread = threading.Thread(target=self._run_job, args=(job_id, reattach), name=f"dreamflow-ray-{job_id[:8]}", daemon=True)
+    def _follow(self, job_id: str, reattach: bool, warm: tuple[Any, str, float] | None = None) -> None:
+        thread = threading.Thread(target=self._run_job, args=(job_id, reattach, warm), name=f"dreamflow-ray-{job_id[:8]}",
+                                  daemon=True)
         self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()
 
     # One job --------------------------------------------------------------------------------
 
-    def _run_job(self, job_id: str, reattach: bool) -> None:
+    def _run_job(self, job_id: str, reattach: bool, warm: tuple[Any, str, float] | None = None) -> None:
         try:
             job = self.store.get(job_id)
         except StoreError as exc:
             log.error("job %s vanished from the store: %s", job_id, exc)
             self._forget(job_id)
+            if warm is not None:
+                with self._cond:
+                    self._idle.append(warm)  # still warm, for the next job
             return
         sink = JobSink(job, self.publish)
         requeue = False
@@ -444,7 +516,7 @@ class RayJobs(JobQueue):
                 actor, cursor = self._attach(job, sink)
                 requeue = actor is None  # gone: it waits for a free slot like any retry
             else:
-                actor, cursor = self._launch(job, sink), 0
+                actor, cursor = self._launch(job, sink, warm), 0
             if actor is not None:
                 self._relay(job, sink, actor, cursor)
         except _Stopped:
@@ -474,40 +546,76 @@ class RayJobs(JobQueue):
             self._cancels.pop(job_id, None)
             self._cond.notify_all()
 
-    def _launch(self, job: JobRecord, sink: JobSink) -> Any:
-        """Create the job's actor, wait until Ray has placed it, and start the job there."""
+    def _launch(self, job: JobRecord, sink: JobSink, warm: tuple[Any, str, float] | None = None) -> Any:
+        """Start the job on a warm worker, or create its actor and wait until Ray has placed it."""
         attempt = int(job.state.get("ray_attempts", 0)) + 1
-        name = f"dreamflow-{job.job_id}-{attempt}"
         resumed = attempt > 1 or job.state.get("state") == "running"
-        job.save_state(state="running", started=time.time(), ray_attempts=attempt, ray_actor=name,
+        job.save_state(state="running", started=time.time(), ray_attempts=attempt,
                        resumes=job.state.get("resumes", 0) + int(resumed))
-        options: dict[str, Any] = {"name": name, "namespace": NAMESPACE, "lifetime": "detached", "max_restarts": 0,
-                                   "max_concurrency": 4, "num_gpus": self._job_gpus, "num_cpus": self.options.job_cpus}
-        if self.options.job_memory_gb:
-            options["memory"] = int(self.options.job_memory_gb * 2 ** 30)
-        t0 = time.perf_counter()
-        actor = self._actor_class.options(**options).remote(job.job_id, self.options.orphan_seconds)
-        with self._cond:
-            self._running[job.job_id] = actor
-        info = self._wait(job, actor, actor.info.remote())
-        if info is None:
-            return None  # cancelled while it waited for a node
-        placed = time.perf_counter() - t0
-        if info.get("version") != __version__:
-            ray.kill(actor)
-            raise RuntimeError(f"node {info.get('host')} runs dreamflow {info.get('version')}, this server "
-                               f"{__version__}: install the same version on every node")
         checkpoints = {p.name: np.fromfile(p, dtype=np.uint8) for p in sorted(job.checkpoint_dir.glob("*.pt"))
                        if _CHECKPOINT_NAME.fullmatch(p.name)}
+        inputs = job.input_mesh()
+        t0 = time.perf_counter()
+        started = self._start_warm(job, warm, checkpoints, inputs) if warm is not None else None
+        if started is None:
+            name = f"dreamflow-{job.job_id}-{attempt}"
+            job.save_state(ray_actor=name)
+            options: dict[str, Any] = {"name": name, "namespace": NAMESPACE, "lifetime": "detached", "max_restarts": 0,
+                                       "max_concurrency": 4, "num_gpus": self._job_gpus, "num_cpus": self.options.job_cpus}
+            if self.options.job_memory_gb:
+                options["memory"] = int(self.options.job_memory_gb * 2 ** 30)
+            actor = self._actor_class.options(**options).remote(self.options.orphan_seconds, self.options.worker_idle_seconds)
+            with self._cond:
+                self._running[job.job_id] = actor
+                self._placing.add(job.job_id)
+            try:
+                info = self._wait(job, actor, actor.info.remote())
+            finally:
+                with self._cond:
+                    self._placing.discard(job.job_id)
+            if info is None:
+                return None  # cancelled while it waited for a node
+            if info.get("version") != __version__:
+                ray.kill(actor)
+                raise RuntimeError(f"node {info.get('host')} runs dreamflow {info.get('version')}, this server "
+                                   f"{__version__}: install the same version on every node")
+            if not self._wait(job, actor, actor.start.remote(job.job_id, dict(job.spec), inputs, checkpoints)):
+                _kill(actor)
+                return None  # cancelled before it started
+            started = (actor, info)
+        actor, info = started
+        with self._cond:
+            reason = self._cancels.get(job.job_id)
+        if reason is not None:
+            actor.cancel.remote(job.job_id, reason)  # it came before the worker knew the job
+        placed = time.perf_counter() - t0
         job.save_state(ray_node=info, ray_start_seconds=placed)
         where = f"node {info['host']} ({info['ip']}, {info['node_id'][:8]}), GPU {','.join(info['gpu_ids']) or 'none'}"
-        text = f"running on {where}; placed and started in {placed:.1f} s"
+        how = f"on a warm worker (its job {info['jobs_run'] + 1})" if info.get("jobs_run") else "placed and started"
+        text = f"running on {where}; {how} in {placed:.1f} s"
         if checkpoints:
             text += f"; resuming from the checkpoints {', '.join(sorted(checkpoints))}"
         sink.emit("log", {"level": "info", "message": text})
-        if self._wait(job, actor, actor.start.remote(dict(job.spec), job.input_mesh(), checkpoints)) is None:
-            return None
         return actor
+
+    def _start_warm(self, job: JobRecord, warm: tuple[Any, str, float], checkpoints: dict[str, np.ndarray],
+                    inputs: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]] | None:
+        """Start the job on a worker left warm by an earlier job: (actor, info), or None (it is gone or
+        ending, and has been ended), so that a fresh one is placed instead."""
+        actor, name, _ = warm
+        with self._cond:
+            self._running[job.job_id] = actor
+        job.save_state(ray_actor=name)
+        try:
+            info = ray.get(actor.info.remote(), timeout=_WARM_ANSWER)
+            if ray.get(actor.start.remote(job.job_id, dict(job.spec), inputs, checkpoints), timeout=_WARM_ANSWER):
+                return actor, info
+        except Exception as exc:  # noqa: BLE001 - any failure of a spare worker only costs a fresh one
+            log.info("job %s: the warm worker %s did not take it (%s); placing a new one", job.job_id, name, _short(exc))
+        _kill(actor)
+        with self._cond:
+            self._running[job.job_id] = None
+        return None
 
     def _attach(self, job: JobRecord, sink: JobSink) -> tuple[Any, int]:
         """Find the actor of a job that ran when the server stopped; (actor, cursor), or (None, 0) to start afresh."""
@@ -518,7 +626,10 @@ class RayJobs(JobQueue):
             with self._cond:
                 self._running[job.job_id] = actor
             stored = [job.read_event(seq).id for seq in range(max(0, job.next_seq - 64), job.next_seq)]
-            cursor = ray.get(actor.cursor_after.remote(stored), timeout=60)
+            cursor = ray.get(actor.cursor_after.remote(job.job_id, stored), timeout=60)
+            if cursor < 0:
+                actor = None  # a worker of that name runs another job now: it is not this job's to stop
+                raise ValueError("the worker runs another job")
         except (ValueError, RayActorError, GetTimeoutError, StoreError) as exc:
             log.info("job %s: its actor %s is gone (%s); resuming from the checkpoint", job.job_id, name, type(exc).__name__)
             if actor is not None:
@@ -590,8 +701,23 @@ class RayJobs(JobQueue):
             stored = cursor
             if batch["end"] is not None:
                 self._finish(job, batch["end"])
-                _kill(actor)
+                if batch["end"]["state"] != "done" or not self._keep_warm(actor, str(job.state.get("ray_actor"))):
+                    _kill(actor)  # a failed or cancelled job ends its worker: its GPU is free at once
                 return
+
+    def _keep_warm(self, actor: Any, name: str) -> bool:
+        """Keep a worker whose job is done for the next queued job; False if it is not kept."""
+        if self.options.worker_idle_seconds <= 0 or self._stop or self._placing:
+            return False  # (a job waiting for a node may need this worker's slot)
+        try:
+            if not ray.get(actor.finish_job.remote(), timeout=_WARM_ANSWER):
+                return False
+        except Exception:  # noqa: BLE001 - a worker that cannot answer is simply not kept
+            return False
+        with self._cond:
+            self._idle.append((actor, name, time.monotonic()))
+            self._cond.notify_all()
+        return True
 
     def _finish(self, job: JobRecord, end: dict[str, Any]) -> None:
         if end["state"] == "done":
