@@ -28,8 +28,8 @@ How a job runs (and why this shape):
   the store's checkpoints copied to its local disk. Result files come back the same way.
 - **Warm workers.** A worker whose job finished cleanly waits ``worker_idle_seconds`` (holding its
   slot) for the next queued job, which then skips Ray's placement, a new process and its imports:
-  a fresh worker paid about 2.4 s of CPU per job for those on the 2-core VM, and on a GPU node
-  this is also where loaded models would be kept. A job that fails or is cancelled ends its
+  a fresh worker paid about 2.4 s of CPU per job for those on the 2-core VM (loaded models are not
+  kept between jobs yet; a warm worker is where they could be). A job that fails or is cancelled ends its
   worker (freeing its GPU at once, and leaving no state a broken job may have left behind); an
   idle worker that no server claims ends itself a little later.
 - **Faults.** An actor that dies (its node killed or removed) is started again from the last
