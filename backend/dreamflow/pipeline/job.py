@@ -44,6 +44,8 @@ STAGES: list[Stage] = [NERF_STAGE, GEOMETRY_STAGE, TEXTURE_STAGE, REFINE_STAGE]
 
 TURNTABLE_VIEWS = 8
 TURNTABLE_FOVY = 50.0
+#: Default size of turntable tiles and evaluation views (``export.view_resolution`` sets it per job).
+EVAL_RESOLUTION = 128
 
 
 def turntable_distance(mesh: MeshData, nearest: float = 1.3) -> float:
@@ -53,8 +55,6 @@ def turntable_distance(mesh: MeshData, nearest: float = 1.3) -> float:
         return nearest
     radius = float(np.linalg.norm(np.asarray(mesh.vertices, dtype=np.float64), axis=1).max())
     return max(nearest, 1.1 * radius / math.sin(math.radians(TURNTABLE_FOVY / 2.0)))
-#: Default size of turntable tiles and evaluation views (``export.view_resolution`` sets it per job).
-EVAL_RESOLUTION = 128
 
 
 @dataclass

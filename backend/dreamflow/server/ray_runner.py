@@ -579,9 +579,8 @@ class RayJobs(JobQueue):
                 ray.kill(actor)
                 raise RuntimeError(f"node {info.get('host')} runs dreamflow {info.get('version')}, this server "
                                    f"{__version__}: install the same version on every node")
-            if not self._wait(job, actor, actor.start.remote(job.job_id, dict(job.spec), inputs, checkpoints)):
-                _kill(actor)
-                return None  # cancelled before it started
+            if self._wait(job, actor, actor.start.remote(job.job_id, dict(job.spec), inputs, checkpoints)) is None:
+                return None  # cancelled before it started (_wait has ended the actor)
             started = (actor, info)
         actor, info = started
         with self._cond:
