@@ -137,6 +137,62 @@ def test_a_damaged_job_file_quarantines_that_job_and_the_server_serves_the_rest(
     assert (tmp_path / "store" / "quarantine" / bad / name).read_text() == content  # kept for inspection
 
 
+def test_a_quarantined_job_is_still_answered_corrupt_job_with_its_files_at_every_later_start(tmp_path, make_server,
+                                                                                              make_client):
+    store = JobStore(tmp_path / "store")
+    bad = _job(store, "bad")
+    (store.jobs_dir / bad / "spec.json").write_text("[]")
+    first = JobStore(tmp_path / "store")
+    assert bad in first.quarantined and any(bad in r for r in first.repairs)
+    kept = tmp_path / "store" / "quarantine" / bad
+    for _ in range(2):  # the second and third starts: nothing left to repair, the job still known
+        srv = make_server(StepRunner(steps=1), store=tmp_path / "store")
+        assert not any(bad in r for r in srv.server.store.repairs)
+        with pytest.raises(RequestError) as info:
+            make_client(srv.endpoint).status(bad)
+        assert info.value.code == "corrupt_job"
+        assert "damaged" in str(info.value) and str(kept) in str(info.value)
+        srv.stop()
+    assert (kept / "spec.json").read_text() == "[]"
+
+
+def test_a_quarantine_reason_lost_still_answers_corrupt_job(tmp_path):
+    store = JobStore(tmp_path / "store")
+    bad = _job(store, "bad")
+    (store.jobs_dir / bad / "state.json").write_text("[]")
+    JobStore(tmp_path / "store")
+    for why in (tmp_path / "store" / "quarantine").glob("*.why.json"):
+        why.write_text("{not json")
+    with pytest.raises(StoreError, match="earlier start") as info:
+        JobStore(tmp_path / "store").get(bad)
+    assert info.value.code == "corrupt_job"
+
+
+@pytest.mark.parametrize("where", ["", "  ", "a-file", "a-file/store", "a-file/deeper/store"])
+def test_an_unusable_store_path_is_refused_with_the_path_and_the_fix_and_nothing_is_created(tmp_path, monkeypatch,
+                                                                                            where):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(StoreError) as info:
+        JobStore(where)
+    message = str(info.value)
+    assert "\n" not in message and "--store" in message
+    assert ("empty" in message) if not where.strip() else ("a-file" in message and "not a folder" in message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_dreamflow_serve_refuses_an_empty_store_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "dreamflow", "serve", "--store", "", "--bind", "tcp://127.0.0.1:0"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "job store path is empty" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_flipped_byte_mid_log_keeps_the_events_after_it_and_never_reuses_a_seq(tmp_path):
     store = JobStore(tmp_path / "store")
     job = store.get(_job(store))

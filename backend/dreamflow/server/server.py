@@ -112,7 +112,10 @@ class Server:
         self.keep_jobs, self.keep_days = keep_jobs, keep_days
         self._pruned_at = 0.0
         self._prune_wanted = False
-        self.store = JobStore(store)
+        try:
+            self.store = JobStore(store)
+        except StoreError as exc:  # an unusable --store: the operator's to fix, said before anything starts
+            raise ServerConfigError(str(exc)) from None
         self.limits = limits
         self.max_queue = max_queue
         self.server_id = new_id()

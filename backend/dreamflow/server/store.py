@@ -13,7 +13,8 @@ record is framed as ``length (u32) | crc32 (u32) | msgpack``. A torn tail (a cra
 append) is cut on open; a damaged record with intact records after it is damage, not a tail: the
 records after it are kept and its seq stays used (never given to a new event). A job whose
 spec.json or state.json does not have the right shape is quarantined (moved to
-``STORE/quarantine/``, named in ``repairs``) and every other job is served.
+``STORE/quarantine/``, named in ``repairs``, and answered ``corrupt_job`` at this and every later
+start) and every other job is served.
 """
 
 from __future__ import annotations
@@ -363,11 +364,43 @@ def _is_torn_tail(data: bytes, pos: int) -> bool:
     return pos + _RECORD_HEAD.size + length > len(data) or not any(data[pos:])
 
 
+QUARANTINE = "quarantine"
+_WHY_SUFFIX = ".why.json"
+
+
+def _quarantine_message(job_id: str, reason: str, where: Path) -> str:
+    return f"job {job_id} is quarantined: {reason}; its files are kept at {where}"
+
+
+def check_store_root(root: str | os.PathLike) -> Path:
+    """The store folder, or StoreError naming the path and the fix; nothing is created here.
+
+    An empty name would silently mean the current folder, and a path through a file fails later
+    with a bare ``Not a directory``: both are refused before anything is written.
+    """
+    fix = "name a folder (it is created if missing), e.g. --store ~/dreamflow-store"
+    if not str(root).strip():
+        raise StoreError(f"the job store path is empty; {fix}")
+    path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"the job store {path} is a file, not a folder; {fix}")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise StoreError(f"the job store {path} lies under {parent}, which is a file, not a folder; {fix}")
+            if not os.access(parent, os.W_OK | os.X_OK) and not path.exists():
+                raise StoreError(f"the job store {path} cannot be created: {parent} is not writable; {fix}")
+            break
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise StoreError(f"the job store {path} is not writable; {fix}")
+    return path
+
+
 class JobStore:
     """All jobs under ``root/jobs``; loads existing ones on open."""
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
+        self.root = check_store_root(root)
         self.jobs_dir = self.root / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self._jobs: dict[str, JobRecord] = {}
@@ -377,6 +410,7 @@ class JobStore:
         self._open()
 
     def _open(self) -> None:
+        self._recall_quarantine()
         for folder in sorted(self.jobs_dir.iterdir()):
             if not JOB_ID.fullmatch(folder.name):
                 continue
@@ -408,15 +442,31 @@ class JobStore:
         """Quarantine one bad job: moved out of jobs/ for inspection, named in ``repairs``; the rest are served."""
         where = self.jobs_dir / job_id
         if move:
-            target = self.root / "quarantine" / job_id
+            target = self.root / QUARANTINE / job_id
             try:
                 target.parent.mkdir(exist_ok=True)
                 os.replace(where, target)
                 where = target
+                # Why, beside the folder (not in it: its files are the evidence), so later starts still say so.
+                atomic_write_json(target.parent / f"{job_id}{_WHY_SUFFIX}", {"reason": reason})
             except OSError:
                 pass  # left where it is; it is still never loaded
-        self.quarantined[job_id] = f"job {job_id} is quarantined: {reason}; its files are kept at {where}"
+        self.quarantined[job_id] = _quarantine_message(job_id, reason, where)
         self.repairs.append(self.quarantined[job_id])
+
+    def _recall_quarantine(self) -> None:
+        """Jobs quarantined at an earlier start stay known as such (``corrupt_job``, with where their files are)."""
+        folder = self.root / QUARANTINE
+        if not folder.is_dir() or folder.is_symlink():
+            return
+        for entry in sorted(folder.iterdir()):
+            if not JOB_ID.fullmatch(entry.name):
+                continue
+            try:
+                reason = str(json.loads((folder / f"{entry.name}{_WHY_SUFFIX}").read_text())["reason"])[:300]
+            except (OSError, ValueError, KeyError, TypeError):
+                reason = "its files were found damaged at an earlier start"
+            self.quarantined[entry.name] = _quarantine_message(entry.name, reason, entry)
 
     def create(self, spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> JobRecord:
         """A new queued job with its spec and input arrays on disk."""
