@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..devices import host_list, upload
+from ..devices import host_list, upload, warn_if_slow_bf16
 from ..scene.cameras import VIEW_SUFFIXES, Cameras, view_suffix
 from .base import Conditioning, Prior, as_sigma
 from .hub import DEFAULT_REVISION, ROLE_LABELS, ModelFiles, PriorLoadError, locate, variant_for_dtype
@@ -28,8 +28,11 @@ __all__ = ["LatentDiffusionPrior", "PriorLoadError", "TextConditioner", "UNetDen
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on CUDA that supports it, else float16 on CUDA/MPS, float32 on CPU."""
+    """``auto``: bfloat16 on CUDA that supports it, else float16 on CUDA/MPS, float32 on CPU. An explicit
+    bfloat16 on a CPU without bf16 instructions is kept, with a one-line warning of its cost."""
     if name != "auto":
+        if name == "bfloat16":
+            warn_if_slow_bf16(device)
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
