@@ -61,6 +61,10 @@ def test_a_cache_filled_before_the_removal_serves_the_mirror_ids_without_a_reque
     assert phi.prediction_type == "v_prediction" and phi.model_id == REMOVED_SD21
     assert caplog.records == []  # nothing to tell: the files were there
     assert cache_listing(offline_hub_before_removal) == before
+    # A pinned revision means that commit's files, which a cache under the other name cannot have.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PriorLoadError, match=rf"^model '{SD21_BASE}'.*not in the Hugging Face cache.*network is off"):
+        locate(SD21_BASE, "prior", revision=commit_of(SD21_BASE))
 
 
 def test_an_old_id_in_the_cache_is_used_as_it_is_named(offline_hub_before_removal, monkeypatch, no_downloads):

@@ -316,9 +316,10 @@ def locate(model: str, role: str, variant: str | None = None, local_files_only: 
            revision: str = DEFAULT_REVISION, download: bool = True) -> ModelFiles:
     """Find (and, for an id with missing files and the network allowed, download) what a prior reads.
 
-    An id with another name for the same files (:data:`RENAMED_MODELS`) is served by whichever of
-    the names the cache holds complete, the named one first; a download comes from the id still
-    on the Hub, with one line on the log saying so when that is not the named one.
+    An id with another name for the same files (:data:`RENAMED_MODELS`) is served, unless a revision
+    pins it, by whichever of the names the cache holds complete, the named one first; a download
+    comes from the id still on the Hub, with one line on the log saying so when that is not the
+    named one.
     """
     if not model or not model.strip():
         raise _error(model, role, None, "no model is named", f"set {role_setting(role)}")
@@ -334,9 +335,11 @@ def locate(model: str, role: str, variant: str | None = None, local_files_only: 
         return _from_listing(model, role, folder, "folder", list_files(folder), variant)
     offline = local_files_only or hub_offline()
     partial: PriorLoadError | None = None
-    for name in same_model_ids(model):
-        # The other names are looked up as their repository last was: a removed one is frozen.
-        snapshot = cached_snapshot(name, revision if name == model else DEFAULT_REVISION)
+    # A pinned revision means that commit's files; unpinned, the other names are looked up as their
+    # repository last was (a removed one cannot change any more).
+    names = same_model_ids(model) if revision == DEFAULT_REVISION else (model,)
+    for name in names:
+        snapshot = cached_snapshot(name, revision)
         if snapshot is None:
             continue
         try:
@@ -349,11 +352,13 @@ def locate(model: str, role: str, variant: str | None = None, local_files_only: 
         if partial is not None:
             raise partial
         where = "" if _server_mode() else f" ({hub_cache_dir()})"
-        also = [repr(n) for n in same_model_ids(model)[1:]]
-        raise _error(model, role, None, f"is not in the Hugging Face cache{where}"
-                     + (f", nor is the same model under {' or '.join(also)}" if also else "")
-                     + (" and the network is off (HF_HUB_OFFLINE / local files only)" if offline else ""),
-                     _fix_hint(model, role))
+        also = [repr(n) for n in names[1:]]
+        what = f"is not in the Hugging Face cache{where}"
+        if also:
+            what += f", nor is the same model under {' or '.join(also)}"
+        if offline:
+            what += f"{',' if also else ''} and the network is off (HF_HUB_OFFLINE / local files only)"
+        raise _error(model, role, None, what, _fix_hint(model, role))
     source = hub_id_for(model)
     if source != model:
         log.warning("%s was removed from the Hugging Face Hub: downloading the same files from %s instead "
