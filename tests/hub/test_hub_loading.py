@@ -94,7 +94,7 @@ def test_a_partly_downloaded_model_names_the_missing_part(hub_env, tmp_path, mon
     monkeypatch.setenv("HF_HOME", str(home))
     (cached_snapshot(SD21_BASE) / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     before = cache_listing(home)
-    with pytest.raises(PriorLoadError, match=r"^unet of model 'stabilityai/stable-diffusion-2-1-base'.*partly downloaded"):
+    with pytest.raises(PriorLoadError, match=rf"^unet of model '{SD21_BASE}'.*partly downloaded"):
         StableDiffusionPrior.from_pretrained(SD21_BASE)
     assert cache_listing(home) == before
 

@@ -85,7 +85,7 @@ def test_a_model_missing_from_the_cache_fails_generate_with_one_line(tmp_path):
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, done.stderr[-2000:]
-    assert "'stabilityai/stable-diffusion-2-1-base'" in errors[0] and "dreamflow models fetch" in errors[0]
+    assert f"'{PAPER_MODELS[0]}'" in errors[0] and "dreamflow models fetch" in errors[0]
     assert not (tmp_path / "empty-hf-home").exists()  # nothing was written into a cache
 
 

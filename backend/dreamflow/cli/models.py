@@ -36,18 +36,30 @@ def _device_type(args: argparse.Namespace) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _revision(st) -> str:
+    """The revision asked for, and the commit it resolved to in the cache (``main@1a2b3c4``)."""
+    if st.files is None:
+        return st.need.revision
+    commit = st.files.commit
+    if commit is None:
+        return "-"
+    return commit if commit == st.need.revision else f"{st.need.revision}@{commit[:7]}"
+
+
 def _print_states(states, stream) -> None:
     from ..priors.hub import hub_cache_dir
 
-    rows = [("role", "model", "used by", "where", "status", "size")]
+    rows = [("role", "model", "revision", "used by", "where", "status", "size")]
     for st in states:
         where = "-" if st.files is None else ("local folder" if st.files.source == "folder" else "HF cache")
         size = "-" if st.files is None else _size(st.files.size_bytes())
-        rows.append((st.need.role, st.need.model, ",".join(st.need.stages), where, st.status, size))
+        rows.append((st.need.role, st.need.model, _revision(st), ",".join(st.need.stages), where, st.status, size))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         stream.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
     for st in states:
+        if st.files is not None and st.files.named:
+            stream.write(f"  {st.need.role}: {st.files.named} -> present as {st.files.model} (the same files)\n")
         if st.problem:
             stream.write(f"  {st.need.role}: {st.problem}\n")
     stream.write(f"Hugging Face cache: {hub_cache_dir()}\n")

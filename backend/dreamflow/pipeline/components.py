@@ -64,7 +64,8 @@ def get_prior(ctx: JobContext) -> Prior:
             prior = _diffusion_prior(ctx, str(folder), "prior", dtype="float32", local_files_only=True)
         else:
             # SD renders are 256 px in the paper; the VAE sees them at its native 512.
-            prior = _diffusion_prior(ctx, cfg.model, "prior", encode_size=cfg.encode_size or None)
+            prior = _diffusion_prior(ctx, cfg.model, "prior", encode_size=cfg.encode_size or None,
+                                     revision=cfg.model_revision)
     ctx.cache["prior"] = prior
     return prior
 
@@ -136,7 +137,7 @@ def get_refiner(ctx: JobContext) -> Prior:
         folder = tiny_model_folder(_tiny_cache(ctx), "refiner", seed=ctx.config.seed)
         prior = _diffusion_prior(ctx, str(folder), "refiner", dtype="float32", local_files_only=True)
     else:
-        prior = _diffusion_prior(ctx, cfg.refiner_model, "refiner")
+        prior = _diffusion_prior(ctx, cfg.refiner_model, "refiner", revision=cfg.refiner_model_revision)
     enable_memory_savers(prior, ctx.device)
     ctx.cache["refiner"] = prior
     return prior
@@ -156,7 +157,7 @@ def build_score_model(ctx: JobContext, prior: Prior, method: MethodConfig, stage
             and cfg.phi_model and cfg.phi_model != cfg.model):
         if "phi_base" not in ctx.cache:
             # The same fast path as D_p's model: this second UNet runs as often as the first.
-            ctx.cache["phi_base"] = _diffusion_prior(ctx, cfg.phi_model, "phi")
+            ctx.cache["phi_base"] = _diffusion_prior(ctx, cfg.phi_model, "phi", revision=cfg.phi_model_revision)
         phi_base = ctx.cache["phi_base"]
     return score_model_for(ctx, prior, method, stage, phi_base)
 

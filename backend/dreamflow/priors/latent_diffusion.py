@@ -18,18 +18,21 @@ from typing import Any, Sequence
 
 import torch
 
-from ..devices import host_list, upload
+from ..devices import host_list, upload, warn_if_slow_bf16
 from ..scene.cameras import VIEW_SUFFIXES, Cameras, view_suffix
 from .base import Conditioning, Prior, as_sigma
-from .hub import ROLE_LABELS, ModelFiles, PriorLoadError, locate, variant_for_dtype
+from .hub import DEFAULT_REVISION, ROLE_LABELS, ModelFiles, PriorLoadError, locate, variant_for_dtype
 from .noise_levels import DdpmNoiseLevels
 
 __all__ = ["LatentDiffusionPrior", "PriorLoadError", "TextConditioner", "UNetDenoiser", "load_part", "pick_dtype"]
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on CUDA that supports it, else float16 on CUDA/MPS, float32 on CPU."""
+    """``auto``: bfloat16 on CUDA that supports it, else float16 on CUDA/MPS, float32 on CPU. An explicit
+    bfloat16 on a CPU without bf16 instructions is kept, with a one-line warning of its cost."""
     if name != "auto":
+        if name == "bfloat16":
+            warn_if_slow_bf16(device)
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -177,14 +180,15 @@ class LatentDiffusionPrior(Prior):
     def from_pretrained(cls, model: str, device: torch.device | str = "cpu", dtype: str = "auto",
                         local_files_only: bool = False, view_dependent: bool = True,
                         encode_size: int | None = None, load_vae: bool = True, role: str | None = None,
-                        **kwargs: Any) -> "LatentDiffusionPrior":
+                        revision: str = DEFAULT_REVISION, **kwargs: Any) -> "LatentDiffusionPrior":
         """Load a diffusers pipeline folder or hub id: only its UNet, VAE, text encoder(s) and scheduler."""
         device = torch.device(device)
         torch_dtype = pick_dtype(dtype, device)
         role = role or cls.default_role
         if not load_vae and role == "prior":
             role = "phi"
-        files = locate(model, role, variant_for_dtype(str(torch_dtype).removeprefix("torch.")), local_files_only)
+        files = locate(model, role, variant_for_dtype(str(torch_dtype).removeprefix("torch.")), local_files_only,
+                       revision)
         return cls.from_files(files, device, torch_dtype, view_dependent, encode_size, **kwargs)
 
     @classmethod

@@ -6,12 +6,13 @@ from typing import Any
 
 import torch
 
-from .hub import SD_PIPELINES, locate, variant_for_dtype
+from .hub import DEFAULT_REVISION, SD_PIPELINES, locate, variant_for_dtype
 from .latent_diffusion import LatentDiffusionPrior, pick_dtype
 
 
 def load_diffusion_prior(model: str, role: str, device: torch.device | str = "cpu", dtype: str = "auto",
-                         local_files_only: bool = False, **kwargs: Any) -> LatentDiffusionPrior:
+                         local_files_only: bool = False, revision: str = DEFAULT_REVISION,
+                         **kwargs: Any) -> LatentDiffusionPrior:
     """A Stable Diffusion or SDXL-refiner prior for a role (``prior``, ``phi``, ``refiner``).
 
     The folder's pipeline class decides: a Stable Diffusion 1.x/2.x pipeline becomes a
@@ -23,7 +24,8 @@ def load_diffusion_prior(model: str, role: str, device: torch.device | str = "cp
 
     device = torch.device(device)
     torch_dtype = pick_dtype(dtype, device)
-    files = locate(model, role, variant_for_dtype(str(torch_dtype).removeprefix("torch.")), local_files_only)
+    files = locate(model, role, variant_for_dtype(str(torch_dtype).removeprefix("torch.")), local_files_only,
+                   revision)
     cls = StableDiffusionPrior if files.pipeline_class in SD_PIPELINES else SdxlRefinerPrior
     if cls is StableDiffusionPrior:
         kwargs.pop("size", None)
