@@ -103,7 +103,7 @@ def main() -> None:
     if args.device_type:
         from dreamflow.server import presets
 
-        presets.serving_device = lambda: args.device_type  # the one function the capabilities ask
+        presets.serving_device = lambda facts=None: args.device_type  # the one function the capabilities ask
     server = Server(args.store, args.bind, runner=partial(scripted_runner, step_seconds=args.step_seconds,
                                                           later_meshes=args.later_meshes))
     server.open()

@@ -28,7 +28,7 @@ def _use_hub(monkeypatch, home: Path) -> None:
 
 def test_a_cpu_server_without_weights_says_why_paper_cannot_run(make_server, make_client, monkeypatch, tmp_path):
     _use_hub(monkeypatch, tmp_path / "empty-hf-home")
-    monkeypatch.setattr(presets, "serving_device", lambda: "cpu")
+    monkeypatch.setattr(presets, "serving_device", lambda facts=None: "cpu")
     caps = make_client(make_server().endpoint).capabilities
     details = caps["preset_details"]
     assert caps["presets"] == list(details) == ["paper", "preview", "toy", "smoke"]  # every preset is still listed
@@ -45,7 +45,7 @@ def test_a_cpu_server_without_weights_says_why_paper_cannot_run(make_server, mak
 
 def test_paper_is_runnable_with_cuda_and_its_weights_and_a_fetch_shows_at_the_next_hello(
         make_server, make_client, monkeypatch, tmp_path, paper_weights):
-    monkeypatch.setattr(presets, "serving_device", lambda: "cuda")
+    monkeypatch.setattr(presets, "serving_device", lambda facts=None: "cuda")
     _use_hub(monkeypatch, tmp_path / "empty-hf-home")
     srv = make_server()
     before = make_client(srv.endpoint).capabilities["preset_details"]["paper"]
@@ -67,3 +67,16 @@ def test_a_partly_downloaded_model_names_only_that_model(monkeypatch, tmp_path, 
     paper = presets.preset_detail("paper", "cuda")
     assert paper["runnable"] is False
     assert paper["reason"] == f"weights not on this server: {refiner} (refiner)"
+
+
+def test_a_ray_front_door_judges_by_its_jobs_gpu_share_not_its_own_device_or_disk(monkeypatch, tmp_path):
+    _use_hub(monkeypatch, tmp_path / "empty-hf-home")   # the weights are on the nodes, not here
+    gpu_jobs = {"runner": "ray", "job_resources": {"GPU": 1.0, "CPU": 4, "memory_gb": 16}}
+    cpu_jobs = {"runner": "ray", "job_resources": {"GPU": 0.0, "CPU": 4, "memory_gb": 16}}
+    assert presets.serving_device(gpu_jobs) == "cuda" and presets.serving_device(cpu_jobs) == "cpu"
+    assert presets.preset_details(runner_facts=gpu_jobs)["paper"] == {"runnable": True}
+    paper = presets.preset_details(runner_facts=cpu_jobs)["paper"]
+    assert paper["runnable"] is False and paper["reason"].startswith("this server has no CUDA device")
+    assert "weights" not in paper["reason"]
+    # In process, the weights on this machine count.
+    assert "weights not on this server" in presets.preset_details("cuda", {"runner": "in-process", "slots": 1})["paper"]["reason"]

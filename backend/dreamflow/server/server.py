@@ -331,7 +331,7 @@ class Server:
         from .presets import preset_details
 
         # Read at each hello: weights fetched while the server runs make their preset runnable.
-        return {**self._static_capabilities(), "preset_details": preset_details()}
+        return {**self._static_capabilities(), "preset_details": preset_details(runner_facts=self.worker.describe())}
 
     def _static_capabilities(self) -> dict[str, Any]:
         if self._capabilities is None:
