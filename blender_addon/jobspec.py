@@ -8,11 +8,13 @@ its ``enabled`` flag, so the chosen preset's values apply.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import urlparse
 
 # The one rule of what stays on this machine, shared with the server (bundled in the protocol wheel).
 from dreamflow_protocol.endpoints import is_local_endpoint  # noqa: F401  (used as jobspec.is_local_endpoint)
+# The server's reading of a toy-world prompt, applied here to the words the server publishes.
+from dreamflow_protocol.prompts import UnknownToyPrompt, Vocabulary, read_toy_prompt
 
 #: Pipeline stages in order, as the job spec names them.
 STAGES: tuple[str, ...] = ("stage1", "geometry", "texture", "refine")
@@ -27,6 +29,8 @@ METHODS: tuple[str, ...] = ("apfo", "vsd", "sds", "fsd")
 PRESETS: tuple[str, ...] = ("paper", "preview", "reference", "smoke")
 #: The backend preset each panel preset sends (the panel's names stay stable in saved .blend files).
 BACKEND_PRESETS: dict[str, str] = {"paper": "paper", "preview": "toy", "reference": "preview", "smoke": "smoke"}
+#: The panel's name of each preset, as the artist reads it in messages.
+PRESET_LABELS: dict[str, str] = {"paper": "Paper", "preview": "Preview", "reference": "Reference", "smoke": "Smoke"}
 #: The valid range of each stage setting the panel edits: the backend's declared ranges
 #: (``dreamflow.pipeline.config``), copied because the add-on never imports the backend; a test
 #: keeps the two equal. Everything else (extra overrides) is checked by the server, whose error
@@ -95,15 +99,66 @@ def parse_extra_overrides(text: str) -> dict[str, Any]:
     return out
 
 
+def preset_detail(preset: str, details: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """What the server said about a panel preset (capabilities' ``preset_details``); None from an older server."""
+    return (details or {}).get(BACKEND_PRESETS.get(preset, ""))
+
+
+def best_preset(details: Mapping[str, Any] | None) -> str | None:
+    """The panel preset to start from on a server: Paper where it can run, Preview otherwise (None: the server does not say)."""
+    if not details:
+        return None
+    paper = preset_detail("paper", details)
+    return "paper" if paper is not None and paper.get("runnable") else "preview"
+
+
+def not_runnable(preset: str, details: Mapping[str, Any] | None) -> str:
+    """Why a panel preset cannot run on the server, with the fix; empty when it can (or the server does not say)."""
+    detail = preset_detail(preset, details)
+    if detail is None or detail.get("runnable", True):
+        return ""
+    fix = f" To fix: {detail['fix']}." if detail.get("fix") else ""
+    return f"{PRESET_LABELS.get(preset, preset)} cannot run on this server: {detail.get('reason', 'the server says so')}.{fix}"
+
+
+def prompt_reading(prompt: str, preset: str, details: Mapping[str, Any] | None,
+                   extra_overrides: str = "") -> tuple[str, str]:
+    """(the prompt the job will run, why the server will refuse it): the toy world's reading for its
+    presets, else the prompt as written; the second is empty unless the prompt will be refused.
+
+    Extra overrides of the prior (another model) leave the reading to the server.
+    """
+    detail = preset_detail(preset, details)
+    words = detail.get("prompts") if detail is not None else None
+    try:
+        other_prior = any(k.startswith("prior.") for k in parse_extra_overrides(extra_overrides))
+    except ValueError:
+        other_prior = False  # reported when the job is sent
+    if not words or not prompt.strip() or other_prior:
+        return prompt.strip(), ""
+    try:
+        return read_toy_prompt(prompt, Vocabulary.from_fields(words)).prompt, ""
+    except UnknownToyPrompt as exc:
+        return prompt.strip(), str(exc)
+
+
 def submit_arguments(prompt: str, negative_prompt: str, seed: int, method: str, preset: str,
-                     stages: dict[str, StageSettings], extra_overrides: str = "") -> dict[str, Any]:
-    """Keyword arguments for ``Client.submit`` from the panel's values; ValueError if unusable."""
+                     stages: dict[str, StageSettings], extra_overrides: str = "",
+                     details: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``Client.submit`` from the panel's values; ValueError if unusable.
+
+    ``details`` (the server's ``preset_details``) refuses, before sending, a preset the server
+    cannot run and a prompt its toy world would refuse.
+    """
     if not prompt.strip():
         raise ValueError("write a prompt first")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}")
+    for problem in (not_runnable(preset, details), prompt_reading(prompt, preset, details, extra_overrides)[1]):
+        if problem:
+            raise ValueError(problem)
     overrides: dict[str, Any] = {}
     for name in STAGES:
         overrides.update(stage_overrides(name, stages.get(name, StageSettings())))

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import importer, jobspec
 from .backend import LocalBackend
-from .properties import TERMINAL_STATES
+from .properties import TERMINAL_STATES, follow_server_preset
 from .session import Outcome, Session, load_curve_keys
 
 _session: Session | None = None
@@ -200,6 +200,12 @@ def get_session(create: bool = True) -> Session | None:
     return _session
 
 
+def preset_details() -> dict[str, Any] | None:
+    """What the connected server said about each preset (runnable, why not, its prompt words); None if unknown."""
+    caps = _session.client.capabilities if _session is not None else None
+    return (caps or {}).get("preset_details")
+
+
 def close_session() -> None:
     """Close the current session (its threads stop); unfinished jobs become detached (reattachable)."""
     global _session, _session_key
@@ -313,6 +319,11 @@ def _connected(scene: bpy.types.Scene, outcome: Outcome) -> None:
         state.connection = "CONNECTED"
         state.connection_message = ""
         state.server_info = f"{caps.get('server_version', '?')} on {caps.get('device', '?')}"
+    if not outcome.error:
+        best = jobspec.best_preset((outcome.value or {}).get("preset_details"))
+        for each in bpy.data.scenes:
+            if getattr(each, "dreamflow", None) is not None:
+                follow_server_preset(each.dreamflow, best)
 
 
 def _submitted(scene: bpy.types.Scene, outcome: Outcome) -> None:

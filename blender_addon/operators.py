@@ -49,18 +49,20 @@ class DREAMFLOW_OT_generate(bpy.types.Operator):
     def execute(self, context: bpy.types.Context) -> set[str]:
         """Submit a new job."""
         s = context.scene.dreamflow
+        details = live.preset_details()
         try:
             args = jobspec.submit_arguments(s.prompt, s.negative_prompt, s.seed, s.method, s.preset,
-                                            s.stage_settings(), s.extra_overrides)
+                                            s.stage_settings(), s.extra_overrides, details)
         except ValueError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
         session = _session_or_report(self)
         if session is None:
             return {"CANCELLED"}
-        placeholder = _new_job(context.scene, "generate", args["prompt"], object_name=args["prompt"][:48])
+        runs_as = jobspec.prompt_reading(args["prompt"], s.preset, details, s.extra_overrides)[0]
+        placeholder = _new_job(context.scene, "generate", runs_as, object_name=runs_as[:48])
         session.submit({"placeholder": placeholder}, **args)
-        self.report({"INFO"}, "DreamFlow job sent")
+        self.report({"INFO"}, "DreamFlow job sent" + (f", using {runs_as!r}" if runs_as != args["prompt"] else ""))
         return {"FINISHED"}
 
 
@@ -86,7 +88,7 @@ class DREAMFLOW_OT_refine_selected(bpy.types.Operator):
         prompt = s.prompt if s.prompt.strip() or earlier is None else earlier.prompt
         try:
             args = jobspec.submit_arguments(prompt, s.negative_prompt, s.seed, s.method, s.preset,
-                                            s.stage_settings(), s.extra_overrides)
+                                            s.stage_settings(), s.extra_overrides, live.preset_details())
             mesh = importer.extract_refine_input(obj, context.evaluated_depsgraph_get())
         except ValueError as exc:
             self.report({"ERROR"}, str(exc))

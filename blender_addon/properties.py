@@ -22,7 +22,7 @@ METHOD_ITEMS = [
     ("fsd", "FSD", "Flow score distillation: world-map noise, decreasing timesteps"),
 ]
 PRESET_ITEMS = [
-    ("paper", "Paper", "The paper's settings: a GPU and Stable Diffusion weights, about an hour"),
+    ("paper", "Paper", "The paper's settings: a GPU server with Stable Diffusion weights, about an hour"),
     ("preview", "Preview", "Minutes on a laptop CPU with the small shipped toy-world prior: 36 prompts such as "
                            "'a red cube' or 'an orange torus'"),
     ("reference", "Reference", "Minutes on a laptop CPU: rebuilds the built-in reference object (no text prior)"),
@@ -93,6 +93,27 @@ class DREAMFLOW_PG_job(bpy.types.PropertyGroup):
                                             "and turned off")
 
 
+_following_server = False  # True while the add-on itself sets a file's preset from the server's capabilities
+
+
+def _preset_picked(settings: "DREAMFLOW_PG_settings", _context: bpy.types.Context) -> None:
+    """The artist picked a preset: this file keeps it, whatever server it connects to."""
+    if not _following_server:
+        settings.preset_chosen = True
+
+
+def follow_server_preset(settings: "DREAMFLOW_PG_settings", preset: str | None) -> None:
+    """Set the best preset the server can run, unless the artist picked one in this file."""
+    global _following_server
+    if preset is None or settings.preset_chosen or settings.preset == preset:
+        return
+    _following_server = True
+    try:
+        settings.preset = preset
+    finally:
+        _following_server = False
+
+
 class DREAMFLOW_PG_settings(bpy.types.PropertyGroup):
     """Everything one file remembers: the generation settings and its jobs."""
 
@@ -100,7 +121,10 @@ class DREAMFLOW_PG_settings(bpy.types.PropertyGroup):
     negative_prompt: StringProperty(name="Negative prompt", default="", description="What to avoid")
     seed: IntProperty(name="Seed", default=0, min=0)
     method: EnumProperty(name="Method", items=METHOD_ITEMS, default="apfo")
-    preset: EnumProperty(name="Preset", items=PRESET_ITEMS, default="preview")
+    preset: EnumProperty(name="Preset", items=PRESET_ITEMS, default="preview", update=_preset_picked,
+                         description="Settings preset; until picked, the best the connected server can run")
+    preset_chosen: BoolProperty(name="Preset chosen", default=False,
+                                description="The artist picked this file's preset (it no longer follows the server)")
     extra_overrides: StringProperty(name="Extra overrides", default="",
                                     description="More settings as key=value; key=value (e.g. prior.kind=reference)")
     show_stages: BoolProperty(name="Stage settings", default=False)

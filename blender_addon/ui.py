@@ -47,13 +47,16 @@ class DREAMFLOW_PT_main(bpy.types.Panel):
         state = context.window_manager.dreamflow
         self._draw_connection(layout, state)
 
+        details = live.preset_details()
         col = layout.column()
         _text_prop(col, s, "prompt", "Prompt")
+        self._draw_prompt_reading(col, s, details)
         _text_prop(col, s, "negative_prompt", "Negative prompt")
         row = col.row(align=True)
         row.prop(s, "seed")
         row.prop(s, "method", text="")
         col.prop(s, "preset")
+        self._draw_presets_here(col, s, details)
 
         box = layout.box()
         box.prop(s, "show_stages", icon="TRIA_DOWN" if s.show_stages else "TRIA_RIGHT", emboss=False)
@@ -118,6 +121,37 @@ class DREAMFLOW_PT_main(bpy.types.Panel):
             box.alert = state.connection in ("LOST", "UNREACHABLE")
             for line in live.wrap_text(state.connection_message, 60)[:4]:
                 box.label(text=line)
+
+    @staticmethod
+    def _draw_prompt_reading(layout: bpy.types.UILayout, s: bpy.types.PropertyGroup, details: dict | None) -> None:
+        """What the server will make of the prompt, said before it is sent: its toy-world form, or the refusal."""
+        runs_as, refusal = jobspec.prompt_reading(s.prompt, s.preset, details, s.extra_overrides)
+        if refusal:
+            box = layout.box()
+            box.alert = True
+            for i, line in enumerate(live.wrap_text(f"Will be refused: {refusal}", 60)[:6]):
+                box.label(text=line, icon="ERROR" if i == 0 else "NONE")
+        elif runs_as != s.prompt.strip():
+            layout.label(text=f"Runs as {runs_as!r}", icon="INFO")
+
+    @staticmethod
+    def _draw_presets_here(layout: bpy.types.UILayout, s: bpy.types.PropertyGroup, details: dict | None) -> None:
+        """The chosen preset's problem on this server (with the fix), and the other presets that cannot run here."""
+        problem = jobspec.not_runnable(s.preset, details)
+        if problem:
+            box = layout.box()
+            box.alert = True
+            for i, line in enumerate(live.wrap_text(problem, 60)[:10]):   # the fix comes last: all of it
+                box.label(text=line, icon="ERROR" if i == 0 else "NONE")
+        for preset in jobspec.PRESETS:
+            if preset == s.preset or not jobspec.not_runnable(preset, details):
+                continue
+            reason = jobspec.preset_detail(preset, details).get("reason", "")
+            sub = layout.column(align=True)
+            sub.active = False
+            lines = live.wrap_text(f"{jobspec.PRESET_LABELS[preset]}: not on this server: {reason}", 60)[:3]
+            for i, line in enumerate(lines):
+                sub.label(text=line, icon="CANCEL" if i == 0 else "NONE")
 
     @staticmethod
     def _draw_progress(layout: bpy.types.UILayout, job: bpy.types.PropertyGroup) -> None:

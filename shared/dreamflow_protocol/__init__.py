@@ -11,7 +11,7 @@ from .endpoints import is_local_endpoint
 from .schema import (EVENT_TYPES, JOB_STATES, METHODS, PROTOCOL_VERSION, REQUEST_TYPES, SCHEMAS, STAGES, START_STAGES,
                      TERMINAL_TYPES, ProtocolError)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Client", "ConnectionTimeout", "CurveKeys", "RequestError", "ServerBusy", "DEFAULT_LIMITS", "Limits", "Message",

@@ -93,7 +93,10 @@ class Client:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="dreamflow-client-io", daemon=True)
             self._thread.start()
-        reply = self.request(Message("hello", {"client": self.name[:128]}), timeout)
+        # The protocol package's version: a server sends newer optional capabilities only to clients that know them.
+        from . import __version__
+
+        reply = self.request(Message("hello", {"client": self.name[:128], "client_version": __version__}), timeout)
         self.capabilities = reply.fields
         return reply.fields
 

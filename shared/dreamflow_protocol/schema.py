@@ -165,6 +165,28 @@ class MapOf:
 
 
 @dataclass(frozen=True)
+class Record:
+    """A map with named fields, each (kind, required); other keys are errors."""
+
+    fields: Mapping[str, tuple[Any, bool]]
+
+    def check(self, value: Any, where: str) -> dict:
+        """The map with each field checked."""
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where} must be a map, got {_type_name(value)}")
+        unknown = [k for k in value if k not in self.fields]
+        if unknown:
+            raise ProtocolError(f"{where} has an unknown key {str(unknown[0])[:64]!r} (known: {', '.join(self.fields)})")
+        out = {}
+        for name, (kind, required) in self.fields.items():
+            if name in value:
+                out[name] = kind.check(value[name], f"{where}.{name}")
+            elif required:
+                raise ProtocolError(f"{where} lacks its {name!r}")
+        return out
+
+
+@dataclass(frozen=True)
 class Scalar:
     """A string, finite number, boolean or None (override values)."""
 
@@ -329,6 +351,30 @@ OVERRIDES = MapOf(Str(128, pattern=OVERRIDE_KEY_PATTERN),
 JOB_SUMMARY = Plain(max_depth=4, max_items=512)
 
 
+#: The toy world's words (dreamflow_protocol.prompts.Vocabulary.as_fields).
+VOCABULARY = Record({"shapes": (ListOf(Str(64), 64), True), "colours": (ListOf(Str(64), 64), True),
+                     "synonyms": (MapOf(Str(64), Str(64), 256), False)})
+#: Whether a preset can run on this server, why not, the fix, and (a preset whose prior is the
+#: toy world's) the only words its prompts may use.
+PRESET_DETAIL = Record({"runnable": (Bool(), True), "reason": (Str(1024), False), "fix": (Str(1024), False),
+                        "prompts": (VOCABULARY, False)})
+#: Optional capabilities fields added after protocol package 0.1.0, whose clients refuse unknown
+#: fields: a server sends each only to clients whose hello names that client_version or a later one.
+NEWER_CAPABILITIES: dict[str, tuple[int, ...]] = {"preset_details": (0, 2, 0)}
+
+
+def version_tuple(text: str | None) -> tuple[int, ...]:
+    """``"0.2.0"`` -> (0, 2, 0); () when ``text`` does not start with a number (an unknown or old client)."""
+    match = re.match(r"\d+(\.\d+)*", text or "")
+    return tuple(int(n) for n in match.group(0).split(".")) if match else ()
+
+
+def capabilities_for(fields: Mapping[str, Any], client_version: str | None) -> dict[str, Any]:
+    """The capabilities fields a client of ``client_version`` can decode (newer optional ones left out)."""
+    have = version_tuple(client_version)
+    return {k: v for k, v in fields.items() if k not in NEWER_CAPABILITIES or have >= NEWER_CAPABILITIES[k]}
+
+
 def _submit_extra(fields: dict, arrays: dict, where: str) -> None:
     check_mesh_arrays(arrays, where, required=False)
     if ("start_stage" in fields or "start_t" in fields) and "vertices" not in arrays:
@@ -347,7 +393,8 @@ SCHEMAS: dict[str, MessageSchema] = {
         "device": _req(Str(256)), "accelerators": _req(MapOf(Str(64), Bool(), 64)),
         "presets": _req(ListOf(Str(64), 64)), "methods": _req(ListOf(Str(16), 16)),
         "start_stages": _req(ListOf(Str(16), 16)), "limits": _req(MapOf(Str(64), Int(0, 2**62), 64)),
-        "max_queue": _req(Int(0, 10**6)), "auth": _req(Str(16, choices=("none", "curve")))}),
+        "max_queue": _req(Int(0, 10**6)), "auth": _req(Str(16, choices=("none", "curve"))),
+        "preset_details": _opt(MapOf(Str(64), PRESET_DETAIL, 64))}),
     # Client -> server: a new job; input mesh arrays are optional (refine an artist's edit).
     "submit": MessageSchema(
         fields={"prompt": _req(PROMPT), "negative_prompt": _opt(PROMPT), "seed": _opt(Int(0, 2**32 - 1)),

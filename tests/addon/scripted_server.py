@@ -8,6 +8,7 @@ stage_done; for a refinement it sends the received input mesh back unchanged (so
 the round trip), with its texture if it had one.
 
     python scripted_server.py --bind tcp://127.0.0.1:PORT --store DIR [--step-seconds S] [--later-meshes N]
+                              [--device-type cpu|cuda]
 """
 
 from __future__ import annotations
@@ -96,7 +97,13 @@ def main() -> None:
     p.add_argument("--store", required=True)
     p.add_argument("--step-seconds", type=float, default=0.05)
     p.add_argument("--later-meshes", type=int, default=0, help="meshes of a texture stage after stage 1's final one")
+    p.add_argument("--device-type", choices=("cpu", "cuda"), default=None,
+                   help="the device the capabilities say jobs run on (cuda: a GPU server faked on a machine without one)")
     args = p.parse_args()
+    if args.device_type:
+        from dreamflow.server import presets
+
+        presets.serving_device = lambda facts=None: args.device_type  # the one function the capabilities ask
     server = Server(args.store, args.bind, runner=partial(scripted_runner, step_seconds=args.step_seconds,
                                                           later_meshes=args.later_meshes))
     server.open()

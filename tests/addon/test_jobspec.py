@@ -62,6 +62,27 @@ def test_the_panel_presets_name_backend_presets():
         build_config(args["preset"], args["overrides"], prompt=args["prompt"])
 
 
+def test_the_servers_preset_details_choose_the_start_and_refuse_before_sending():
+    from dreamflow.server.presets import preset_details
+
+    cpu, gpu = preset_details("cpu"), {**preset_details("cpu"), "paper": {"runnable": True}}
+    assert jobspec.best_preset(gpu) == "paper" and jobspec.best_preset(cpu) == "preview"
+    assert jobspec.best_preset(None) is None and jobspec.not_runnable("paper", None) == ""   # an older server
+    assert jobspec.not_runnable("paper", cpu).startswith("Paper cannot run on this server: this server has no CUDA")
+    assert all(jobspec.not_runnable(p, cpu) == "" for p in ("preview", "reference", "smoke"))
+    with pytest.raises(ValueError, match="Paper cannot run"):
+        jobspec.submit_arguments("a chair", "", 0, "apfo", "paper", {}, details=cpu)
+    assert jobspec.submit_arguments("a chair", "", 0, "apfo", "paper", {}, details=gpu)["preset"] == "paper"
+    # Preview (the backend's toy preset) reads prompts with the words the server published.
+    assert jobspec.prompt_reading("a orange ball", "preview", cpu) == ("an orange sphere", "")
+    assert jobspec.prompt_reading("a orange ball", "smoke", cpu) == ("a orange ball", "")
+    assert "unknown word: chair" in jobspec.prompt_reading("a red chair", "preview", cpu)[1]
+    with pytest.raises(ValueError, match="toy world does not know"):
+        jobspec.submit_arguments("a red chair", "", 0, "apfo", "preview", {}, details=cpu)
+    # Another prior named in the extra overrides leaves the prompt to the server.
+    assert jobspec.prompt_reading("a red chair", "preview", cpu, "prior.kind=reference") == ("a red chair", "")
+
+
 def test_bad_settings_are_refused_with_a_reason():
     with pytest.raises(ValueError, match="prompt"):
         jobspec.submit_arguments("  ", "", 0, "apfo", "smoke", {})

@@ -6,69 +6,14 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import bpy
-from addon_helpers import ADDON_MODULE
-
-
-class RecordingLayout:
-    """Stands in for bpy.types.UILayout: checks each call's target exists and records it."""
-
-    def __init__(self, log: list) -> None:
-        self.log = log
-        self.alert = self.active = self.enabled = False
-        self.scale_y = 1.0
-
-    def _child(self, *args, **kwargs) -> "RecordingLayout":
-        return RecordingLayout(self.log)
-
-    row = column = box = split = _child
-
-    def prop(self, data, name: str, **kwargs) -> None:
-        assert name in data.bl_rna.properties, f"{type(data).__name__} has no property {name!r}"
-        self.log.append(("prop", name))
-
-    def label(self, text: str = "", icon: str = "NONE", **kwargs) -> None:
-        assert icon in bpy.types.UILayout.bl_rna.functions["label"].parameters["icon"].enum_items
-        self.log.append(("label", text))
-
-    def operator(self, idname: str, **kwargs):
-        module, name = idname.split(".")
-        op = getattr(getattr(bpy.ops, module), name)
-        props = op.get_rna_type().properties
-        self.log.append(("operator", idname))
-
-        class Props:
-            def __setattr__(self, key, value):
-                assert key in props, f"{idname} has no property {key!r}"
-
-        return Props()
-
-    def progress(self, factor: float = 0.0, type: str = "BAR", text: str = "") -> None:
-        assert 0.0 <= factor <= 1.0
-        self.log.append(("progress", text))
-
-    def template_list(self, listtype, list_id, data, propname, active_data, active_propname, **kwargs) -> None:
-        assert propname in data.bl_rna.properties and active_propname in active_data.bl_rna.properties
-        assert hasattr(bpy.types, listtype)
-        self.log.append(("list", propname))
-
-    def template_icon(self, icon_value: int = 0, scale: float = 1.0) -> None:
-        self.log.append(("icon", icon_value))
-
-
-def _draw_panel() -> list:
-    log: list = []
-    panel = bpy.types.DREAMFLOW_PT_main
-    fake = SimpleNamespace(layout=RecordingLayout(log), _draw_connection=panel._draw_connection,
-                           _draw_progress=panel._draw_progress)
-    panel.draw(fake, bpy.context)
-    return log
+from addon_helpers import ADDON_MODULE, RecordingLayout, draw_panel
 
 
 def test_panel_draws_settings_controls_progress_and_errors(addon):
     s = bpy.context.scene.dreamflow
     s.show_stages = True
     s.stage1.customize = True
-    log = _draw_panel()
+    log = draw_panel()
     shown = {name for kind, name in log if kind == "prop"}
     assert {"prompt", "negative_prompt", "seed", "method", "preset", "resolution", "t_start", "t_end",
             "views_per_t", "steps", "refine_start_stage", "refine_start_t"} <= shown
@@ -81,7 +26,7 @@ def test_panel_draws_settings_controls_progress_and_errors(addon):
     state = bpy.context.window_manager.dreamflow
     state.connection, state.connection_message = "UNREACHABLE", "no DreamFlow server answered at tcp://127.0.0.1:5555"
     state.last_error = "Job cccccccc failed: CUDA out of memory"
-    log = _draw_panel()
+    log = draw_panel()
     assert ("progress", "stage1 30/120  ETA 1m 23s") in log
     assert any(kind == "label" and "no DreamFlow server answered" in text for kind, text in log)
     assert any(kind == "label" and "CUDA out of memory" in text for kind, text in log)

@@ -7,7 +7,8 @@ import torch
 from dreamflow.config import ConfigError
 from dreamflow.scene.cameras import Cameras, view_suffix
 from dreamflow.toyworld.dataset import BACKGROUND, render_dataset, render_object
-from dreamflow.toyworld.world import COLOURS, PROMPTS, SHAPES, object_mesh, parse_prompt, prompt_for
+from dreamflow.pipeline.config import build_config
+from dreamflow.toyworld.world import COLOURS, PROMPTS, SHAPES, object_mesh, parse_prompt, prompt_for, read_prompt
 
 
 def test_the_36_prompts_are_the_issues_words():
@@ -25,8 +26,42 @@ def test_an_unknown_prompt_names_the_words_the_world_knows():
     msg = str(err.value)
     assert "pink" in msg and "dog" in msg
     assert all(c in msg for c in COLOURS) and all(s in msg for s in SHAPES)
-    with pytest.raises(ConfigError):
-        parse_prompt("a orange torus")  # the article must agree with the colour word
+    assert "pyramid/square based pyramid (square pyramid)" in msg   # and the synonyms it reads
+
+
+@pytest.mark.parametrize("typed, canonical", [
+    ("an orange pyramid", "an orange square pyramid"),      # the issue's first toy prompt
+    ("a orange cube", "an orange cube"),                      # either article
+    ("an orange ball", "an orange sphere"),
+    ("the red donut", "a red torus"),
+    ("Blue Cubes.", "a blue cube"),                          # no article, a plural, a full stop
+    ("green tori, front view", "a green torus"),             # an irregular plural, a view suffix
+    ("a violet square-based pyramid", "a purple square pyramid"),
+    ("yellow boxes", "a yellow cube"),                       # the plural of a synonym
+])
+def test_the_obvious_forms_read_as_the_worlds_prompt(typed, canonical):
+    read = read_prompt(typed)
+    assert read.prompt == canonical and read.prompt in PROMPTS
+    assert parse_prompt(typed) == (read.shape, read.colour)
+
+
+@pytest.mark.parametrize("typed, unknown", [
+    ("a pink cube", "pink"), ("a red dog", "dog"), ("a red", None), ("cube red", None), ("a red cube cube", None),
+    ("a red green cube", None), ("two red cubes", "two"),
+])
+def test_words_the_world_does_not_know_are_still_refused(typed, unknown):
+    with pytest.raises(ConfigError, match="toy world does not know the prompt") as err:
+        read_prompt(typed)
+    if unknown:
+        assert f"unknown word: {unknown}" in str(err.value)
+
+
+def test_a_toy_job_is_configured_with_the_worlds_prompt_and_other_models_keep_theirs():
+    assert build_config("toy", prompt="an orange pyramid").prompt == "an orange square pyramid"
+    assert build_config("toy", prompt="a red cube").prompt == "a red cube"
+    assert build_config("paper", prompt="an orange pyramid").prompt == "an orange pyramid"  # SD reads any prompt
+    with pytest.raises(ConfigError, match="unknown word: chair"):
+        build_config("toy", prompt="a red chair")
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -90,6 +90,12 @@ class ProgressBar:
             self.stream.flush()
 
 
+def say_prompt(asked: str | None, config: Any, stream: TextIO | None = None) -> None:
+    """One line when the job runs another form of the prompt than the one given (the toy world's words)."""
+    if asked is not None and config.prompt != asked:
+        print(f"using {config.prompt!r} (the toy world's words for {asked!r})", file=stream or sys.stderr)
+
+
 def _run(config, out: Path, label: str) -> int:
     from ..events import JobControl
     from ..pipeline.job import run_job
@@ -134,6 +140,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             # Text to 3D with the toy world's own trained prior: the prompt decides what appears.
             config = build_config(args.preset or "toy", overrides, prompt=args.prompt, seed=args.seed,
                                   method=args.method, device=args.device)
+            say_prompt(args.prompt, config)
             if config.prior.kind == "reference":
                 raise ConfigError("the text demo needs a text prior; for the reference object use --reference builtin")
             return _run(config, Path(args.out), "demo")
@@ -161,6 +168,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         overrides = parse_cli_overrides(args.overrides)
         config = build_config(args.preset, overrides, prompt=args.prompt, negative_prompt=args.negative_prompt,
                               seed=args.seed, method=args.method, device=args.device)
+        say_prompt(args.prompt, config)
         return _run(config, Path(args.out), "generate")
     except (ConfigError, MeshError, PriorLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)

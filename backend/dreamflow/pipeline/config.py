@@ -266,6 +266,8 @@ PRESETS = {"paper": _paper, "preview": _preview, "toy": _toy, "smoke": _smoke}
 def build_config(preset: str = "preview", overrides: Mapping[str, Any] | None = None, **top: Any) -> JobConfig:
     """Preset + overrides (dotted paths) + top-level fields (prompt, seed, method, ...), checked (names, types, ranges).
 
+    The returned prompt is the one the job runs: a toy-world model's canonical form of the given one.
+
     A method other than APFO replaces each stage's method settings with that method's own
     defaults (methods.registry.method_defaults) before the overrides apply.
     """
@@ -286,7 +288,8 @@ def build_config(preset: str = "preview", overrides: Mapping[str, Any] | None = 
     cfg = apply_overrides(cfg, dict(overrides or {}))
     check_ranges(cfg)
     if cfg.prior.kind == "stable-diffusion":
-        from ..toyworld.world import check_prompt_for_model
+        from ..toyworld.world import prompt_for_model
 
-        check_prompt_for_model(cfg.prior.model, cfg.prompt)
+        # A toy-world model runs the world's own words ("an orange pyramid" -> "an orange square pyramid").
+        cfg = replace(cfg, prompt=prompt_for_model(cfg.prior.model, cfg.prompt))
     return cfg

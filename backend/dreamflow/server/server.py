@@ -46,7 +46,7 @@ from dreamflow_protocol import (DEFAULT_LIMITS, METHODS, PROTOCOL_VERSION, START
                                 encode, new_id, validate_message)
 from dreamflow_protocol.codec import check_contents
 from dreamflow_protocol.endpoints import is_local_endpoint
-from dreamflow_protocol.schema import REQUEST_TYPES
+from dreamflow_protocol.schema import REQUEST_TYPES, capabilities_for
 from dreamflow_protocol.wake import Doorbell
 
 from .. import __version__
@@ -327,10 +327,16 @@ class Server:
         return msg.reply("pong", fields)
 
     def _on_hello(self, sock: zmq.Socket, peer: bytes, msg: Message) -> Message:
-        return msg.reply("capabilities", self.capabilities())
+        return msg.reply("capabilities", capabilities_for(self.capabilities(), msg.fields.get("client_version")))
 
     def capabilities(self) -> dict[str, Any]:
-        """What this server offers (the capabilities message's fields)."""
+        """What this server offers (the capabilities message's fields, the newest protocol's)."""
+        from .presets import preset_details
+
+        # Read at each hello: weights fetched while the server runs make their preset runnable.
+        return {**self._static_capabilities(), "preset_details": preset_details(runner_facts=self.worker.describe())}
+
+    def _static_capabilities(self) -> dict[str, Any]:
         if self._capabilities is None:
             import torch
 
@@ -395,7 +401,12 @@ class Server:
         if full is not None:
             return self._busy(msg, full)
         waiting = len(self.worker.queued())
+        asked, spec["prompt"] = spec["prompt"], config.prompt  # the job runs (and lists) the prompt it was read as
         job = self.store.create(spec, dict(msg.arrays))  # input arrays written with fsync, here, not on the socket thread
+        if config.prompt != asked:
+            # The job's first event, so every client (of any version) and every replay says it.
+            job.append_event(Message("log", {"level": "info", "message": f"using {config.prompt!r} (the toy world's words "
+                                                                         f"for {asked!r})"[:4096]}, job=job.job_id, seq=0))
         return msg.reply("accepted", {"position": waiting, "state": "queued"}, job=job.job_id)
 
     def _answer_admitted(self, sock: zmq.Socket) -> None:
@@ -412,7 +423,7 @@ class Server:
                 continue
             # Subscribed and queued only now, after its accepted reply: no event can come before it.
             if msg.fields.get("subscribe", True):
-                self._subs.add(peer, job.job_id, 0, behind=False)
+                self._subs.add(peer, job.job_id, 0, behind=job.next_seq > 0)  # behind: admission logged an event
             self.worker.enqueue(job.job_id)
             log.info("job %s queued (preset %s, method %s)", job.job_id, job.spec.get("preset"), job.spec.get("method"))
 

@@ -6,7 +6,10 @@ its axis is Z, so its hole faces up. Meshes carry explicit per-vertex normals: f
 cube, the pyramid, caps and bases) have their own vertices, so plain diffuse shading shows their
 edges; curved surfaces have smooth normals.
 
-Prompts are exactly ``"a red cube"``, ``"an orange torus"``: the article follows the colour word.
+The world's prompts are exactly ``"a red cube"``, ``"an orange torus"``: the article follows the
+colour word. What people type ("an orange pyramid", "red balls") is read into those by
+``dreamflow_protocol.prompts`` with this world's :data:`VOCABULARY`, the one table of its words
+(the server publishes it, so the Blender add-on reads prompts the same way).
 This module's API (SHAPES, COLOURS, PROMPTS, prompt_for, parse_prompt, caption, ToyMesh,
 object_mesh, COLOUR_RGB) is stable: the evaluator and the ground-truth measures build on it.
 """
@@ -20,11 +23,21 @@ from functools import lru_cache
 
 import torch
 
+from dreamflow_protocol.prompts import ToyPrompt, UnknownToyPrompt, Vocabulary, read_toy_prompt
+
 from ..config import ConfigError
 from ..scene.cameras import view_suffix
 
 SHAPES: tuple[str, ...] = ("cube", "sphere", "cylinder", "cone", "torus", "square pyramid")
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "orange", "purple")
+
+#: Words people type for the world's shapes and colours (plurals of every shape form are read too).
+SYNONYMS: dict[str, str] = {
+    "pyramid": "square pyramid", "square based pyramid": "square pyramid", "ball": "sphere", "orb": "sphere",
+    "box": "cube", "block": "cube", "ring": "torus", "donut": "torus", "doughnut": "torus", "tori": "torus",
+    "violet": "purple",
+}
+VOCABULARY = Vocabulary(SHAPES, COLOURS, SYNONYMS)
 
 #: Diffuse albedo of each colour word (linear RGB in [0, 1]); saturated and far apart in hue.
 COLOUR_RGB: dict[str, tuple[float, float, float]] = {
@@ -45,8 +58,7 @@ def prompt_for(shape: str, colour: str) -> str:
     """The world's prompt for one object: "a red cube", "an orange torus"."""
     if shape not in SHAPES or colour not in COLOURS:
         raise ConfigError(f"no toy object {colour!r} {shape!r}; shapes: {', '.join(SHAPES)}; colours: {', '.join(COLOURS)}")
-    article = "an" if colour[0] in "aeiou" else "a"
-    return f"{article} {colour} {shape}"
+    return VOCABULARY.prompt_for(shape, colour)
 
 
 #: The 36 prompts, colour-major within each shape: PROMPTS[s * 6 + c] is shape s, colour c.
@@ -58,27 +70,22 @@ def object_index(shape: str, colour: str) -> int:
     return SHAPES.index(shape) * len(COLOURS) + COLOURS.index(colour)
 
 
-def parse_prompt(prompt: str) -> tuple[str, str]:
-    """(shape, colour) of a toy-world prompt; a ConfigError listing the known words otherwise.
+def read_prompt(prompt: str) -> ToyPrompt:
+    """The object and the world's own prompt for what a person typed; a ConfigError listing the known words otherwise.
 
-    Case and surrounding spaces are forgiven, and so is a view suffix (", front view"); the
-    words themselves must be the world's.
+    Case, spaces, the article (a/an/the or none), plurals and :data:`SYNONYMS` are forgiven, and so
+    is a view suffix (", front view").
     """
-    text = re.sub(r"\s+", " ", prompt.strip().lower())
-    base = text.split(",")[0].strip()
-    for shape in SHAPES:
-        for colour in COLOURS:
-            if base == prompt_for(shape, colour):
-                return shape, colour
-    words = set(re.findall(r"[a-z]+", base))
-    hint = ""
-    unknown = sorted(words - set(COLOURS) - {w for s in SHAPES for w in s.split()} - {"a", "an"})
-    if unknown:
-        hint = f" (unknown word{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)})"
-    raise ConfigError(
-        f"the toy world does not know the prompt {prompt!r}{hint}. It knows 36 prompts of the form "
-        f"'a <colour> <shape>' ('an' before 'orange'): colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}. "
-        f"Example: 'a red cube', 'an orange torus'.")
+    try:
+        return read_toy_prompt(prompt, VOCABULARY)
+    except UnknownToyPrompt as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def parse_prompt(prompt: str) -> tuple[str, str]:
+    """(shape, colour) of a toy-world prompt (:func:`read_prompt`'s forms); a ConfigError listing the known words otherwise."""
+    read = read_prompt(prompt)
+    return read.shape, read.colour
 
 
 def caption(prompt: str, azimuth_deg: float | None = None, elevation_deg: float | None = None) -> str:
@@ -260,11 +267,13 @@ def is_toyworld_model(model: str) -> bool:
     return (Path(model) / MARKER_FILE).is_file()
 
 
-def check_prompt_for_model(model: str, prompt: str) -> None:
-    """A ConfigError (listing the known words) when a toy-world model gets a prompt it cannot know.
+def prompt_for_model(model: str, prompt: str) -> str:
+    """The prompt a job with ``model`` runs: a toy-world model's own form of it (a ConfigError listing
+    the known words when it has none); any other model's prompt as it is.
 
-    Other models accept any prompt. Called when a job's configuration is built, so that an unknown
-    prompt fails before anything is loaded or computed (CLI, demo and server submit alike).
+    Called when a job's configuration is built, so that an unknown prompt fails before anything is
+    loaded or computed (CLI, demo and server submit alike).
     """
     if prompt.strip() and is_toyworld_model(model):
-        parse_prompt(prompt)
+        return read_prompt(prompt).prompt
+    return prompt
