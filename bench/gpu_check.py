@@ -94,7 +94,7 @@ DRY_RUN_SWITCH_STAGES = ("2b",)
 #: views per object (576 images to render) and a few steps of each model.
 TOY_TRAIN = {"steps": 40, "vae_steps": 20, "views_per_object": 16}
 DRY_RUN_TOY_TRAIN = {"steps": 1, "vae_steps": 1, "views_per_object": 1, "batch": 4, "vae_batch": 4}
-#: Lines of the children's output not worth a progress line (kept in the record's tail all the same).
+#: Lines of the children's output not worth a progress line (nor a place in the record's tail).
 NOISE = re.compile(r"^\s*$|Loading weights|Writing model shards|requires torchvision|should be kept in float32")
 
 # -- what the GPU machine has ------------------------------------------------------------------------------------
@@ -297,13 +297,13 @@ def run_process(check: Check, command: list[str], deadline: float, label: str,
     start = time.monotonic()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env=check.child_env(), cwd=str(ROOT))
-    tail: deque[str] = deque(maxlen=25)
+    tail: deque[str] = deque(maxlen=60)
 
     def pump() -> None:
         for line in proc.stdout:
             line = line.rstrip()
-            tail.append(line)
             if not NOISE.search(line):
+                tail.append(line)
                 check.say(f"  {label} | {line}")
 
     reader = threading.Thread(target=pump, daemon=True)

@@ -152,3 +152,31 @@ def test_a_step_past_its_deadline_is_stopped_and_keeps_its_output(tmp_path):
                       time.monotonic() + 3, "sleeper")
     assert run["timed_out"] and run["tail"] == ["started"] and gpu_check.process_status(run) == "timeout"
     assert "sleeper | started" in (tmp_path / "out" / "gpu_check.log").read_text()
+
+
+def test_a_bench_child_that_dies_is_restarted_after_the_item_it_died_on(tmp_path, monkeypatch):
+    """A CUDA error can kill the process running the bench items: that item is recorded as crashed
+    and a new process runs the rest; what the dead one finished is kept."""
+    check = Check(tmp_path / "out", tmp_path / "work", dry_run=True, budget_s=60, compile=False)
+    items = gpu_check.timing_items(check, ["fast path"], ["1", "2a", "2b"])
+    calls = []
+
+    def fake_run(check_, command, deadline, label, on_poll=None):
+        spec = json.loads(command[command.index("--spec") + 1])
+        calls.append([i["stage"] for i in spec["items"]])
+        first = spec["items"][0]
+        with open(spec["results"], "a") as f:
+            f.write(json.dumps({**first, "status": "ok", "arch": "tiny", "dtype": "bfloat16", "ms_per_it": {"median": 2.0},
+                                "unet_floor_ms": 1.0, "ratio_to_floor": 2.0, "ratio_to_floor_with_vae": 1.5,
+                                "peak_gpu_gb": None, "paper_iterations": 10, "projected_paper_s": 0.02}) + "\n")
+        on_poll()
+        crashed = len(calls) == 1
+        return {"returncode": -11 if crashed else 0, "seconds": 1.0, "timed_out": False, "tail": ["Segmentation fault"]}
+
+    monkeypatch.setattr(gpu_check, "run_process", fake_run)
+    result = gpu_check._timing_step(check, time.monotonic() + 60, items, "timing")
+    assert calls == [["1", "2a", "2b"], ["2b"]]
+    assert [(r["stage"], r["status"]) for r in check.data["timings"]] == [("1", "ok"), ("2a", "crashed"), ("2b", "ok")]
+    assert result["status"] == "partial" and result["items_done"] == 2 and result["not_run"] == []
+    assert "| 2a | - | crashed |" in format_markdown(check.data)  # the table says so, and the pipeline has no total
+    assert "**-**" in format_markdown(check.data)
