@@ -146,6 +146,13 @@ def project_requirements() -> list[str]:
     return [d for d in deps if normalise(_requirement_name(d)) != "torch"]
 
 
+def requirements_to_resolve(requirements: Iterable[str], present: Iterable[str] = DEVICE_IMAGE_PACKAGES) -> list[str]:
+    """The requirements the GPU machine's image does not meet by name: only their dependencies are
+    resolved, so that what the image has (torch above all, which peft pulls in) is never fetched."""
+    have = {normalise(p) for p in present}
+    return [r for r in requirements if normalise(_requirement_name(r)) not in have]
+
+
 def _requirement_name(requirement: str) -> str:
     return re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement.strip()).group(0)
 
@@ -205,19 +212,21 @@ def download_command(wheels: list[dict[str, str]], folder: Path) -> list[str]:
 
 
 def gather_wheels(folder: Path, log: Callable[[str], None] = print) -> list[dict[str, str]]:
-    """Resolve the project's requirements for the GPU machine (its own packages pinned to the
-    versions seen there), and download the wheels it lacks into ``folder``; what was gathered."""
+    """Resolve the project's requirements that the GPU machine lacks (its own packages pinned to
+    the versions seen there), and download the wheels it lacks into ``folder``; what was gathered."""
     import tempfile
 
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu-check-wheels-") as tmp:
         tmp_path = Path(tmp)
         constraints = tmp_path / "constraints.txt"
-        constraints.write_text("".join(f"{k}=={v}\n" for k, v in DEVICE_IMAGE_VERSIONS.items()))
+        # At most the image's versions (not exactly them: the index may not hold the image's build).
+        constraints.write_text("".join(f"{k}<={v}\n" for k, v in DEVICE_IMAGE_VERSIONS.items()))
         report = tmp_path / "report.json"
-        log(f"resolving {len(project_requirements())} requirements for CPython {WHEEL_PYTHON} manylinux x86-64 "
-            f"(metadata only; a few minutes on a slow index)")
-        subprocess.run(resolve_command(project_requirements(), report, constraints, tmp_path / "target"), check=True)
+        wanted = requirements_to_resolve(project_requirements())
+        log(f"resolving {', '.join(wanted)} for CPython {WHEEL_PYTHON} manylinux x86-64, with at most the GPU "
+            f"image's {', '.join(f'{k} {v}' for k, v in DEVICE_IMAGE_VERSIONS.items())}")
+        subprocess.run(resolve_command(wanted, report, constraints, tmp_path / "target"), check=True)
         wheels = plan_wheels(json.loads(report.read_text()))
     log(f"downloading {len(wheels)} wheels: " + ", ".join(f"{w['name']} {w['version']}" for w in wheels))
     subprocess.run(download_command(wheels, folder), check=True)
@@ -741,7 +750,7 @@ def format_markdown(data: dict[str, Any]) -> str:
                      f"| {_fmt(r.get('counted_peak_gib'), '.2f')} | {r['paper_iterations']} | {_duration(r['projected_paper_s'])} |")
     proj = projection(timings)
     lines.append(f"| **full pipeline** | | | | | | | | | **{_duration(proj['total_s'])}** |")
-    lines += ["", "### Fast-path switches: ms/it with one switch off (x: against the fast path)", ""]
+    lines += ["", "### Fast-path switches: ms/it with one switch off (x: against the fast path; peak GPU memory)", ""]
     variants = list(VARIANTS) + [COMPILE_VARIANT]
     lines += ["| stage | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
     for stage in STAGES:
@@ -757,7 +766,8 @@ def format_markdown(data: dict[str, Any]) -> str:
             else:
                 ms = r["ms_per_it"]["median"]
                 ratio = f" ({ms / base['ms_per_it']['median']:.2f}x)" if base and base["status"] == "ok" and v != "fast path" else ""
-                cells.append(f"{ms:.1f}{ratio}")
+                peak = "" if r["peak_gpu_gb"] is None else f", {r['peak_gpu_gb']:.1f} GiB"
+                cells.append(f"{ms:.1f}{ratio}{peak}")
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     lines += _job_table("The toy preset's job (`generate --preset toy`)", data["steps"].get("toy-job", {}))
     train = data["steps"].get("toy-train", {})

@@ -180,3 +180,11 @@ def test_a_bench_child_that_dies_is_restarted_after_the_item_it_died_on(tmp_path
     assert result["status"] == "partial" and result["items_done"] == 2 and result["not_run"] == []
     assert "| 2a | - | crashed |" in format_markdown(check.data)  # the table says so, and the pipeline has no total
     assert "**-**" in format_markdown(check.data)
+
+
+def test_only_what_the_gpu_image_lacks_is_resolved():
+    """peft and transformers are on the GPU image: resolving them would fetch torch's metadata (gigabytes
+    where the index has no separate metadata) for a package that is never carried."""
+    wanted = gpu_check.requirements_to_resolve(gpu_check.project_requirements())
+    names = {gpu_check.normalise(gpu_check._requirement_name(r)) for r in wanted}
+    assert names == {"diffusers", "pyzmq", "trimesh", "xatlas", "pymcubes", "fast-simplification"}
