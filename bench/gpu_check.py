@@ -34,6 +34,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -414,6 +415,12 @@ def generate_command(check: Check, preset: str, prompt: str, out: Path, override
     return command
 
 
+def fresh_folder(folder: Path) -> Path:
+    """``folder``, emptied: a figure read from it afterwards is this run's, never an earlier one's."""
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
 _STAGE_DONE = re.compile(r"^\[(?P<stage>\w+)\] done in (?P<time>\S+)")
 
 
@@ -435,7 +442,7 @@ def job_record(run: dict[str, Any], out: Path) -> dict[str, Any]:
 
 def step_generate_paper(check: Check, deadline: float) -> dict[str, Any]:
     """``dreamflow generate --preset paper`` from the built folders, a few iterations per stage."""
-    out = check.work / "generate-paper"
+    out = fresh_folder(check.work / "generate-paper")
     run = run_process(check, generate_command(check, "paper", PROMPT, out, paper_job_overrides(check)), deadline,
                       "generate")
     return {"status": process_status(run), **job_record(run, out)}
@@ -443,7 +450,7 @@ def step_generate_paper(check: Check, deadline: float) -> dict[str, Any]:
 
 def step_toy_job(check: Check, deadline: float) -> dict[str, Any]:
     """The toy preset's whole job (a dry run: two steps per stage)."""
-    out = check.work / "toy-job"
+    out = fresh_folder(check.work / "toy-job")
     overrides: dict[str, Any] = {}
     if check.dry_run:
         overrides.update({f"{n}.steps": DRY_RUN_STEPS for n in ("stage1", "geometry", "texture", "refine")}, **DRY_RUN_SIZES)
@@ -454,7 +461,7 @@ def step_toy_job(check: Check, deadline: float) -> dict[str, Any]:
 def step_toy_train(check: Check, deadline: float) -> dict[str, Any]:
     """A short toy-world training in its own process (the toy world trains on the CPU)."""
     settings = {**TOY_TRAIN, **(DRY_RUN_TOY_TRAIN if check.dry_run else {})}
-    spec = {"out": str(check.work / "toy-train"), "settings": settings}
+    spec = {"out": str(fresh_folder(check.work / "toy-train")), "settings": settings}
     run = run_process(check, [sys.executable, str(Path(__file__).resolve()), "--child", "toy-train",
                               "--spec", json.dumps(spec)], deadline, "toy train")
     record = {"status": process_status(run), **{k: run[k] for k in ("returncode", "seconds", "timed_out")},
@@ -473,7 +480,7 @@ def step_toy_train(check: Check, deadline: float) -> dict[str, Any]:
 _RENDERED = re.compile(r"rendered in (\d+(?:\.\d+)?) s")
 
 
-def timing_items(check: Check, variants: Iterable[str], stages: Iterable[str] = STAGES) -> list[dict[str, Any]]:
+def timing_items(variants: Iterable[str], stages: Iterable[str] = STAGES) -> list[dict[str, Any]]:
     """The bench runs of one step: each variant in turn, on every stage of ``stages``."""
     return [{"stage": stage, "variant": variant} for variant in variants for stage in stages]
 
@@ -481,28 +488,27 @@ def timing_items(check: Check, variants: Iterable[str], stages: Iterable[str] = 
 def _timing_step(check: Check, deadline: float, items: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     """Run bench items in a child process, merging each result into the record as it lands; a
     child that dies is restarted on the items after the one it died on."""
-    results = check.work / f"timings-{kind}.jsonl"
-    results.unlink(missing_ok=True)
-    seen = 0
     todo = list(items)
-    runs = []
+    runs: list[dict[str, Any]] = []
+    # One results file per child: a child that dies mid-write leaves a broken last line behind it.
+    current = {"file": check.work / f"timings-{kind}-0.jsonl", "seen": 0}
 
     def merge() -> None:
-        nonlocal seen
-        if not results.is_file():
+        if not current["file"].is_file():
             return
-        lines = results.read_text().splitlines()
-        for line in lines[seen:]:
-            if line.strip():
-                record = json.loads(line)
-                check.data["timings"].append(record)
-                done = {(r["stage"], r["variant"]) for r in check.data["timings"]}
-                todo[:] = [i for i in todo if (i["stage"], i["variant"]) not in done]
-                check.save()
-        seen = len(lines)
+        # Whole lines only: the last piece is empty, or a record the child is still writing.
+        lines = current["file"].read_text().split("\n")[:-1]
+        for line in lines[current["seen"]:]:
+            record = json.loads(line)
+            check.data["timings"].append(record)
+            todo[:] = [i for i in todo if (i["stage"], i["variant"]) != (record["stage"], record["variant"])]
+            check.save()
+        current["seen"] = len(lines)
 
     while todo and time.monotonic() < deadline:
-        spec = {"items": todo, "results": str(results), "dry_run": check.dry_run, "work": str(check.work),
+        current.update(file=check.work / f"timings-{kind}-{len(runs)}.jsonl", seen=0)
+        current["file"].unlink(missing_ok=True)
+        spec = {"items": todo, "results": str(current["file"]), "dry_run": check.dry_run, "work": str(check.work),
                 "models": str(check.work / "models"), "deadline_in_s": deadline - time.monotonic()}
         run = run_process(check, [sys.executable, str(Path(__file__).resolve()), "--child", "timings",
                                   "--spec", json.dumps(spec)], deadline, kind, on_poll=merge)
@@ -523,13 +529,13 @@ def _timing_step(check: Check, deadline: float, items: list[dict[str, Any]], kin
 
 def step_timing(check: Check, deadline: float) -> dict[str, Any]:
     """Each stage's iteration at the paper's settings with the fast path, and its counted memory."""
-    return _timing_step(check, deadline, timing_items(check, ["fast path"]), "timing")
+    return _timing_step(check, deadline, timing_items(["fast path"]), "timing")
 
 
 def step_switches(check: Check, deadline: float) -> dict[str, Any]:
     """Each stage with one fast-path switch off at a time."""
     stages = DRY_RUN_SWITCH_STAGES if check.dry_run else STAGES
-    return _timing_step(check, deadline, timing_items(check, [v for v in VARIANTS if v != "fast path"], stages), "switches")
+    return _timing_step(check, deadline, timing_items([v for v in VARIANTS if v != "fast path"], stages), "switches")
 
 
 def step_compile(check: Check, deadline: float) -> dict[str, Any]:
@@ -537,7 +543,7 @@ def step_compile(check: Check, deadline: float) -> dict[str, Any]:
     if not check.compile:
         return {"status": "skipped", "note": "not asked for (--compile)"}
     stages = DRY_RUN_SWITCH_STAGES if check.dry_run else STAGES
-    return _timing_step(check, deadline, timing_items(check, [COMPILE_VARIANT], stages), "compile")
+    return _timing_step(check, deadline, timing_items([COMPILE_VARIANT], stages), "compile")
 
 
 STEP_FUNCTIONS: dict[str, Callable[[Check, float], dict[str, Any]]] = {

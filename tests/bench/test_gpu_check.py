@@ -158,7 +158,7 @@ def test_a_bench_child_that_dies_is_restarted_after_the_item_it_died_on(tmp_path
     """A CUDA error can kill the process running the bench items: that item is recorded as crashed
     and a new process runs the rest; what the dead one finished is kept."""
     check = Check(tmp_path / "out", tmp_path / "work", dry_run=True, budget_s=60, compile=False)
-    items = gpu_check.timing_items(check, ["fast path"], ["1", "2a", "2b"])
+    items = gpu_check.timing_items(["fast path"], ["1", "2a", "2b"])
     calls = []
 
     def fake_run(check_, command, deadline, label, on_poll=None):
@@ -169,7 +169,10 @@ def test_a_bench_child_that_dies_is_restarted_after_the_item_it_died_on(tmp_path
             f.write(json.dumps({**first, "status": "ok", "arch": "tiny", "dtype": "bfloat16", "ms_per_it": {"median": 2.0},
                                 "unet_floor_ms": 1.0, "ratio_to_floor": 2.0, "ratio_to_floor_with_vae": 1.5,
                                 "peak_gpu_gb": None, "paper_iterations": 10, "projected_paper_s": 0.02}) + "\n")
-        on_poll()
+            on_poll()
+            f.write('{"stage": "2a", "variant": "fast pa')  # the next record, cut off by the crash
+            f.flush()
+            on_poll()
         crashed = len(calls) == 1
         return {"returncode": -11 if crashed else 0, "seconds": 1.0, "timed_out": False, "tail": ["Segmentation fault"]}
 
