@@ -260,7 +260,7 @@ class Check:
     def __post_init__(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.out / "gpu_check.log", "a", buffering=1)
+        self._log = open(self.out / "gpu_check.log", "w", buffering=1)
         self.data.update(steps={name: {"status": "pending"} for name in STEP_ORDER}, timings=[])
 
     @property
