@@ -16,10 +16,13 @@ loaded back through ``from_pretrained``), for the CPU smoke test.
 
 from __future__ import annotations
 
+import json
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -101,10 +104,12 @@ def parameter_count(module: torch.nn.Module) -> int:
 
 def build_prior(arch: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 encode_size: int | None = None, seed: int = 0, workdir: str | Path | None = None,
-                prediction_type: str | None = None):
+                prediction_type: str | None = None, models: str | Path | None = None):
     """A ``StableDiffusionPrior`` (sd21, tiny) or ``SdxlRefinerPrior`` (sdxl-refiner, tiny-refiner)
     of the named architecture with random weights, on ``device`` in ``dtype``; ``prediction_type``
-    overrides the architecture's (the v-model SD 2.1 that DreamFlow uses as D_phi's base)."""
+    overrides the architecture's (the v-model SD 2.1 that DreamFlow uses as D_phi's base).
+    With ``models`` (a folder made by :func:`build_model_folders`) the prior is loaded from its
+    saved pipeline, as a job loads one, instead of being built in-process."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -113,6 +118,14 @@ def build_prior(arch: str, device: torch.device | str = "cpu", dtype: torch.dtyp
     from dreamflow.priors.tiny import clip_tokenizer, tiny_model_folder
 
     device = torch.device(device)
+    if models is not None:
+        folder = model_folder(models, arch, prediction_type)
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"no model folder {folder}; build it with bench/arch.py's build_model_folders "
+                                    f"(bench/gpu_check.py does)")
+        cls = SdxlRefinerPrior if arch in ("sdxl-refiner", "tiny-refiner") else StableDiffusionPrior
+        return cls.from_pretrained(str(folder), device=device, dtype=_dtype_name(dtype), local_files_only=True,
+                                   encode_size=encode_size)
     if arch in ("tiny", "tiny-refiner"):
         folder = Path(workdir or tempfile.mkdtemp(prefix="dreamflow-bench-"))
         if arch == "tiny":
@@ -261,3 +274,69 @@ def save_random_pipeline(arch: str, folder: str | Path, dtype: torch.dtype = tor
                                                 requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+#: Folder names under a models folder (build_model_folders): D_p, D_phi's v-prediction base, the refiner.
+MODEL_FOLDER_NAMES = {"sd21": "sd21", "sdxl-refiner": "sdxl-refiner", "tiny": "tiny-sd", "tiny-refiner": "tiny-sdxl-refiner"}
+
+
+def model_folder(models: str | Path, arch: str, prediction_type: str | None = None) -> Path:
+    """Where :func:`build_model_folders` keeps ``arch``'s pipeline under ``models``; with
+    ``prediction_type="v_prediction"`` an SD architecture's v-prediction twin (D_phi's base)."""
+    name = MODEL_FOLDER_NAMES[arch]
+    return Path(models) / (name + "-v" if prediction_type == "v_prediction" and "refiner" not in arch else name)
+
+
+def v_prediction_twin(source: str | Path, target: str | Path) -> Path:
+    """A Stable Diffusion folder that is ``source`` with a v-prediction scheduler: the paper's layout
+    of D_phi's base (SD 2.1-v beside SD 2.1-base, the same shapes), without a second copy of the
+    weights (its parts are links to the source's, so loading it still builds a second UNet)."""
+    source, target = Path(source).resolve(), Path(target)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for entry in source.iterdir():
+        if entry.name == "scheduler":
+            (partial / "scheduler").mkdir()
+            config = json.loads((entry / "scheduler_config.json").read_text())
+            config["prediction_type"] = "v_prediction"
+            (partial / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2))
+        elif entry.is_dir():
+            (partial / entry.name).symlink_to(entry, target_is_directory=True)
+        else:
+            shutil.copyfile(entry, partial / entry.name)
+    partial.rename(target)
+    return target
+
+
+def build_model_folders(models: str | Path, tiny: bool = False, log: Callable[[str], None] = print) -> dict[str, Path]:
+    """The pipeline folders a paper-preset job reads, with random weights, built under ``models``
+    where absent: D_p (SD 2.1 epsilon), its v-prediction twin (D_phi's base) and the SDXL refiner,
+    or with ``tiny`` the tiny random ones. Each is written whole or not at all (built beside, then
+    renamed), so a cut-off build is redone. Returns ``{"prior", "phi", "refiner"}`` -> folder."""
+    from dreamflow.priors.tiny import tiny_sdxl_refiner, tiny_stable_diffusion
+
+    models = Path(models)
+    models.mkdir(parents=True, exist_ok=True)
+    prior_arch, refiner_arch = ("tiny", "tiny-refiner") if tiny else ("sd21", "sdxl-refiner")
+    folders = {"prior": model_folder(models, prior_arch), "phi": model_folder(models, prior_arch, "v_prediction"),
+               "refiner": model_folder(models, refiner_arch)}
+    writers: dict[str, Callable[[Path], Any]] = {
+        "prior": (lambda p: tiny_stable_diffusion(p)) if tiny else (lambda p: save_random_pipeline("sd21", p)),
+        "phi": lambda p: v_prediction_twin(folders["prior"], p),
+        "refiner": (lambda p: tiny_sdxl_refiner(p)) if tiny else (lambda p: save_random_pipeline("sdxl-refiner", p)),
+    }
+    for role, folder in folders.items():
+        if (folder / "model_index.json").is_file():
+            log(f"  {role}: {folder} (already built)")
+            continue
+        start = time.perf_counter()
+        if role == "phi":
+            writers[role](folder)
+        else:
+            partial = folder.with_name(folder.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            writers[role](partial)
+            partial.rename(folder)
+        log(f"  {role}: {folder} built in {time.perf_counter() - start:.1f} s")
+    return folders

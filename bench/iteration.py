@@ -94,6 +94,8 @@ class BenchSettings:
     seed: int = 0
     workdir: str | None = None
     overrides: dict[str, Any] | None = None  # dotted config paths, as the CLI's --set stage1.steps=200
+    models: str | None = None     # a folder of arch.build_model_folders: load the priors from it (else built in-process)
+    switches: dict[str, Any] | None = None  # FastPath fields set on top of the device's fast path (one switch off)
 
 
 class Timers:
@@ -237,19 +239,21 @@ def build_stage(s: BenchSettings) -> StageBench:
     stage_cfg = getattr(job, stage.config_attr)
     # --no-fast is the "before" of every measurement: float32, unfused attention, nothing offloaded.
     fast = replace(for_device(device), compile_unet=s.compile) if s.fast else FastPath(sdpa=False, offload_text_encoder=False)
+    fast = replace(fast, **(s.switches or {}))
     dtype = choose_dtype(device, s.dtype if s.fast else "float32")
     arch = s.arch
     if s.stage == "3" and arch == "tiny":
         arch = "tiny-refiner"
     # Real SD renders (256 px in stage 1) are encoded at the VAE's native 512, as the pipeline does.
     encode_size = 512 if arch == "sd21" else None
-    prior = arch_mod.build_prior(arch, device, dtype, encode_size=encode_size, seed=s.seed, workdir=s.workdir)
+    prior = arch_mod.build_prior(arch, device, dtype, encode_size=encode_size, seed=s.seed, workdir=s.workdir,
+                                 models=s.models)
     applied = apply_fast_path(prior, fast, device)
     phi_base = None
     if s.phi_base == "separate" and s.stage != "3" and stage_cfg.method.score_model == "lora":
         # DreamFlow's D_phi base is SD 2.1-v: a second UNet of the same shape (no VAE needed).
         phi_base = arch_mod.build_prior(arch, device, dtype, seed=s.seed + 7, workdir=s.workdir,
-                                        prediction_type="v_prediction")
+                                        prediction_type="v_prediction", models=s.models)
         phi_base.vae = None
         applied += [f"phi:{a}" for a in apply_fast_path(phi_base, fast, device)]
     out_dir = Path(s.workdir) if s.workdir else Path(tempfile.mkdtemp(prefix="dreamflow-bench-"))
