@@ -78,8 +78,9 @@ def test_the_job_report_carries_each_stage(baked, tmp_path):
     written = json.loads((tmp_path / "report.json").read_text())["toy_eval"]
     assert written["stages"]["stage1"]["area_ratio"] < 0.6 and written["normal_consistency"] > 0.99
     assert heard and "1 stage meshes" in heard[0]
+    assert written["stages"]["stage1"]["r_precision"] is None       # stages: the measures without renders
     text = format_toy_quality(result)
-    assert "normal consistency" in text and "\n  stage1: R-precision" in text
+    assert "normal consistency" in text and "\n  stage1: Chamfer" in text
 
 
 def test_eval_cli_shows_the_measures_and_says_which_are_scale_free(baked, tmp_path, capsys):
