@@ -53,6 +53,9 @@ def test_true_object_has_r_precision_one_and_perfect_ground_truth(scorer, prompt
     assert r["chamfer_rel"] < 0.01            # two independent surface samplings of one mesh
     assert r["silhouette_iou"] > 0.999
     assert r["colour_error"] < 0.5
+    assert r["normal_consistency"] > 0.99 and r["area_ratio"] == pytest.approx(1.0, abs=0.01)
+    assert r["chamfer_aligned"] < 0.01 and r["half_extent"] == pytest.approx(r["true_half_extent"])
+    assert r["colour_noise"] == pytest.approx(r["true_colour_noise"]) and r["colour_noise"] < 3.0
 
 
 def test_wrong_object_scores_low_on_every_measure(scorer):
@@ -78,6 +81,7 @@ def test_a_baked_glb_of_the_true_object_scores_like_the_true_object(scorer, tmp_
     r = score_asset(read_glb(tmp_path / "model.glb"), prompt, scorer, views=VIEWS)
     assert r["r_precision"] == 1.0
     assert r["chamfer_rel"] < 0.01 and r["silhouette_iou"] > 0.99 and r["colour_error"] < 2.0
+    assert r["normal_consistency"] > 0.99 and r["colour_noise"] < r["true_colour_noise"] + 1.0
 
 
 def test_retrieval_adds_the_asset_prompt_to_the_set_and_counts_views(scorer):

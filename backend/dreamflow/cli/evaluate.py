@@ -1,4 +1,4 @@
-"""``dreamflow eval``: R-precision and ground-truth measures of assets; ``dreamflow train-evaluator``."""
+"""``dreamflow eval``: R-precision, ground-truth and surface measures of assets; ``dreamflow train-evaluator``."""
 
 from __future__ import annotations
 
@@ -28,34 +28,70 @@ def _atomic_json(data: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def add_toy_quality(config, out: Path, report: dict, views: int = 120) -> dict | None:
+class FinalMeshes:
+    """An event sink in front of another that keeps each stage's final mesh (for per-stage scoring)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.meshes: dict = {}
+
+    def emit(self, kind: str, fields, arrays=None) -> None:
+        """Pass the event on; keep the mesh of a stage's ``final`` mesh event."""
+        if kind == "mesh" and fields.get("final") and arrays:
+            from ..export.mesh import MeshData
+
+            self.meshes[fields["stage"]] = MeshData.from_arrays(dict(arrays))
+        self.inner.emit(kind, fields, arrays)
+
+
+def add_toy_quality(config, out: Path, report: dict, views: int = 120, stage_meshes: dict | None = None,
+                    log=None) -> dict | None:
     """Score a finished job's asset against the toy world (R-precision with the shipped evaluator,
-    ground-truth measures) when its prompt is a toy-world prompt and its prior is a text-to-image
-    model; store the result as ``toy_eval`` in ``report`` and in ``out/report.json``. None otherwise
-    (the reference-object demo, prompts the world does not know)."""
+    ground-truth and surface measures) when its prompt is a toy-world prompt and its prior is a
+    text-to-image model, and each stage's final mesh (``stage_meshes``, stage name -> MeshData) under
+    ``stages`` by the measures that need no render (seconds, where a 120-view render of each stage
+    would add minutes to the job; the bench renders them); store the result as ``toy_eval`` in ``report`` and in ``out/report.json``. None
+    otherwise (the reference-object demo, prompts the world does not know). ``log`` hears progress."""
     from ..export.files import read_glb
-    from ..toyworld.evaluate import knows_prompt, score_asset
+    from ..toyworld.evaluate import knows_prompt, score_asset, score_stages
     from ..toyworld.scoring import load_scorer
 
     if config.prior.kind == "reference" or not knows_prompt(config.prompt):
         return None
+    if log is not None:
+        log(f"scoring the asset ({views} views){' and the surfaces of ' + str(len(stage_meshes)) + ' stage meshes' if stage_meshes else ''} "
+            f"against the toy world ...")
     mesh = read_glb(out / report.get("files", {}).get("model", "model.glb"))
-    result = score_asset(mesh, config.prompt, load_scorer(), views=views)
+    scorer = load_scorer()
+    result = score_asset(mesh, config.prompt, scorer, views=views)
+    if stage_meshes:
+        result["stages"] = score_stages(stage_meshes, config.prompt, None)
     report["toy_eval"] = result
     _atomic_json(report, out / "report.json")
     return result
 
 
 def format_toy_quality(result: dict) -> str:
-    """One line: R-precision and the ground-truth measures."""
-    def num(key: str, fmt: str) -> str:
-        v = result.get(key)
+    """R-precision, the ground-truth and surface measures; then one line per stage when scored."""
+    def num(values: dict, key: str, fmt: str) -> str:
+        v = values.get(key)
         return "n/a" if v is None else format(v, fmt)
 
-    return (f"toy-world evaluation of {result['prompt']!r}: R-precision {result['r_precision']:.3f} "
-            f"({result['views_right']}/{result['views']} views retrieve it among {result['prompt_set_size']} prompts), "
-            f"Chamfer {num('chamfer_rel', '.4f')} of the bbox diagonal, silhouette IoU {num('silhouette_iou', '.3f')}, "
-            f"colour error {num('colour_error', '.1f')} dE76 (CIELAB)")
+    def surface(values: dict) -> str:
+        return (f"normal consistency {num(values, 'normal_consistency', '.3f')}, area ratio "
+                f"{num(values, 'area_ratio', '.2f')} (raw {num(values, 'area_ratio_raw', '.2f')}), aligned Chamfer "
+                f"{num(values, 'chamfer_aligned', '.4f')}, half-extent {num(values, 'half_extent', '.3f')} "
+                f"(true {num(values, 'true_half_extent', '.3f')}), colour noise {num(values, 'colour_noise', '.1f')} dE "
+                f"(true {num(values, 'true_colour_noise', '.1f')})")
+
+    lines = [f"toy-world evaluation of {result['prompt']!r}: R-precision {result['r_precision']:.3f} "
+             f"({result['views_right']}/{result['views']} views retrieve it among {result['prompt_set_size']} prompts), "
+             f"Chamfer {num(result, 'chamfer_rel', '.4f')} of the bbox diagonal, silhouette IoU "
+             f"{num(result, 'silhouette_iou', '.3f')}, colour error {num(result, 'colour_error', '.1f')} dE76 (CIELAB); "
+             f"{surface(result)}"]
+    for stage, values in (result.get("stages") or {}).items():
+        lines.append(f"  {stage}: Chamfer {num(values, 'chamfer_rel', '.4f')}; {surface(values)}")
+    return "\n".join(lines)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -99,7 +135,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 2
     print(format_table(rows))
     print(f"R-precision: fraction of the {args.views} views (elevation 15, distance 1.2) whose top-1 prompt among "
-          f"{rows[0]['prompt_set_size']} is the asset's own; scorer {scorer.name}; dE76 in CIELAB")
+          f"{rows[0]['prompt_set_size']} is the asset's own; scorer {scorer.name}; dE76 in CIELAB; "
+          f"~ = scale-free and yaw-free; h-ext raw (true 0.4)")
     if args.json:
         _atomic_json({"assets": rows, "mean": summarise(rows)}, Path(args.json))
         print(f"wrote {args.json}")
@@ -129,7 +166,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="R-precision (and toy-world ground truth) of generated assets",
                        description="Render each asset from N views at elevation 15 and retrieve its prompt among the "
                                    "prompt set (R-precision, as DreamFusion/DreamFlow report it). For toy-world prompts "
-                                   "also Chamfer distance, silhouette IoU and mean-colour error against the true object.")
+                                   "also, against the true object: Chamfer distance, silhouette IoU and mean-colour error "
+                                   "(raw: size and yaw count); the surface measures CD~ (Chamfer over the diagonal), NC~ "
+                                   "(normal consistency, mean |cos| to the true normal at the closest point; 1 exact) and "
+                                   "area~ (area ratio; above 1 is wrinkled), which are scale-free and yaw-free (the asset "
+                                   "centred, scaled to the true bounding-box diagonal and turned about the vertical axis "
+                                   "to its best fit: the prior cannot know size or yaw); raw h-ext (largest half-extent; "
+                                   "the world's objects: 0.4) and area_ratio_raw (JSON); noise (colour noise: mean dE76 "
+                                   "of each surface sample against its 16 nearest samples' mean; 0 for flat colour).")
     p.add_argument("assets", nargs="+", metavar="ASSET_DIR",
                    help="a folder written by `dreamflow generate` (model.glb + report.json), or a .glb file")
     p.add_argument("--prompts", default=None, metavar="FILE",

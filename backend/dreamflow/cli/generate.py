@@ -99,10 +99,11 @@ def say_prompt(asked: str | None, config: Any, stream: TextIO | None = None) -> 
 def _run(config, out: Path, label: str) -> int:
     from ..events import JobControl
     from ..pipeline.job import run_job
+    from .evaluate import FinalMeshes, add_toy_quality, format_toy_quality
 
-    bar = ProgressBar()
+    sink = FinalMeshes(ProgressBar())
     start = time.perf_counter()
-    result = run_job(config, out, bar, JobControl(), checkpoint_dir=out / "checkpoints")
+    result = run_job(config, out, sink, JobControl(), checkpoint_dir=out / "checkpoints")
     wall = time.perf_counter() - start
     print(f"{label} finished in {wall:.1f} s; files in {out}:", file=sys.stderr)
     for name in result.files.values():
@@ -110,9 +111,8 @@ def _run(config, out: Path, label: str) -> int:
     quality = result.report.get("quality") or {}
     if quality:
         print("quality: " + json.dumps(quality), file=sys.stderr)
-    from .evaluate import add_toy_quality, format_toy_quality
-
-    toy = add_toy_quality(config, out, result.report)
+    toy = add_toy_quality(config, out, result.report, stage_meshes=sink.meshes,
+                          log=lambda line: print(line, file=sys.stderr, flush=True))
     if toy is not None:
         print(format_toy_quality(toy), file=sys.stderr)
     return 0

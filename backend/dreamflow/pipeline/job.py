@@ -7,7 +7,8 @@ typed result and returns its own (pipeline/handoff.py): stage 1 a ``NerfResult``
 
 - ``model.glb``: the final textured mesh (PBR material, texture embedded, Y-up as glTF wants);
 - ``model.obj`` + ``model.mtl`` + ``model_albedo.png`` when ``export.write_obj``;
-- ``turntable.png``: a grid of views of the final asset (and of the reference, when there is one);
+- ``turntable.png``: a grid of views of the final asset, its normal-shaded views below them (lumps
+  show there), and the reference's, when there is one;
 - ``loss.png``: the loss per step of every stage;
 - ``report.json``: settings, per-stage seconds and metrics, the quality of the result.
 """
@@ -86,6 +87,34 @@ def render_asset(mesh: MeshData, cameras: Cameras, resolution: int, device: torc
     return out.image.clamp(0.0, 1.0)
 
 
+def render_normals(mesh: MeshData, cameras: Cameras, resolution: int, device: torch.device) -> torch.Tensor:
+    """The mesh's world-space face normals as colours ``(n + 1) / 2`` over white, (B, 3, H, W): one
+    flat colour per triangle, so every lump and facet shows (interpolated normals would smooth
+    away the wrinkles that the area ratio counts)."""
+    from ..render.raster import render_mesh
+
+    v = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32, device=device)
+    f = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.long, device=device)
+    corners = v[f]                                                    # each face its own three vertices
+    normal = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], dim=-1)
+    normal = torch.nn.functional.normalize(normal, dim=-1).repeat_interleave(3, dim=0)
+    with torch.no_grad():
+        # No antialiasing: with no shared vertices every triangle edge would count as a silhouette.
+        out = render_mesh(corners.reshape(-1, 3), torch.arange(3 * len(f), device=device).view(-1, 3), cameras.to(device),
+                          resolution, mode="normal", normals=normal, background=1.0, aa=False)
+    return out.image.clamp(0.0, 1.0)
+
+
+def turntable_image(asset: MeshData, resolution: int, device: torch.device, reference=None) -> np.ndarray:
+    """The turntable grid: the asset's views, its normal-shaded views below, then the reference's
+    views when there is one; all from the same orbit, framed on the asset."""
+    cams = orbit(TURNTABLE_VIEWS, elevation_deg=20.0, distance=turntable_distance(asset), fovy_deg=TURNTABLE_FOVY)
+    rows = [render_asset(asset, cams, resolution, device), render_normals(asset, cams, resolution, device)]
+    if reference is not None:
+        rows.append(reference.render(cams, resolution)[0])
+    return _grid(rows)
+
+
 def _grid(rows: list[torch.Tensor]) -> np.ndarray:
     """Rows of (B, 3, H, W) images -> one (rows*H, B*W, 3) uint8 image."""
     lines = [torch.cat(list(r), dim=2) for r in rows]
@@ -161,12 +190,8 @@ def run_job(config: JobConfig, out_dir: Path, sink: EventSink, control: JobContr
         for p in write_obj(ctx.output_mesh(asset), out_dir / "model.obj"):
             files[p.name] = p.name
 
-    cams = orbit(TURNTABLE_VIEWS, elevation_deg=20.0, distance=turntable_distance(asset), fovy_deg=TURNTABLE_FOVY)
     res = config.export.view_resolution
-    rows = [render_asset(asset, cams, res, device)]
-    if ctx.reference is not None:
-        rows.append(ctx.reference.render(cams, res)[0])
-    write_png(_grid(rows), out_dir / "turntable.png")
+    write_png(turntable_image(asset, res, device, ctx.reference), out_dir / "turntable.png")
     files["turntable"] = "turntable.png"
     _loss_plot(ctx, out_dir / "loss.png")
     files["loss"] = "loss.png"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
+from ..export.measures import bbox_diagonal, chamfer_points, sample_barycentric, sample_surface  # noqa: F401 (their home is export.measures)
 from ..export.mesh import MeshData
 from ..scene.cameras import Cameras, orbit
 
@@ -30,25 +30,6 @@ def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
     return float("inf") if mse == 0 else -10.0 * math.log10(mse)
 
 
-def sample_barycentric(mesh: MeshData, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` area-uniform surface samples as (triangle index (count,), barycentric weights (count, 3))."""
-    v = mesh.vertices.astype(np.float64)
-    f = mesh.faces.astype(np.int64)
-    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
-    area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1)
-    rng = np.random.default_rng(seed)
-    tri = rng.choice(len(f), size=count, p=area / area.sum())
-    r1, r2 = rng.random(count), rng.random(count)
-    s = np.sqrt(r1)
-    return tri, np.stack([1 - s, s * (1 - r2), s * r2], axis=1)
-
-
-def sample_surface(mesh: MeshData, count: int, seed: int = 0) -> np.ndarray:
-    """``count`` points drawn uniformly by area on the mesh surface (seeded)."""
-    tri, w = sample_barycentric(mesh, count, seed)
-    return np.einsum("nk,nkd->nd", w, mesh.vertices.astype(np.float64)[mesh.faces[tri]])
-
-
 def chamfer_relative(mesh: MeshData, reference: MeshData, count: int = 20000, seed: int = 0) -> float:
     """Symmetric Chamfer distance relative to the reference's bounding-box diagonal.
 
@@ -57,14 +38,9 @@ def chamfer_relative(mesh: MeshData, reference: MeshData, count: int = 20000, se
     and vice versa; Chamfer = ``(d(A->B) + d(B->A)) / 2``, divided by the length of the diagonal of
     the reference's axis-aligned bounding box.
     """
-    from scipy.spatial import cKDTree
-
     a = sample_surface(mesh, count, seed)
     b = sample_surface(reference, count, seed + 1)
-    d_ab = cKDTree(b).query(a)[0].mean()
-    d_ba = cKDTree(a).query(b)[0].mean()
-    diag = float(np.linalg.norm(reference.vertices.max(0) - reference.vertices.min(0)))
-    return float(0.5 * (d_ab + d_ba) / diag)
+    return chamfer_points(a, b) / bbox_diagonal(reference.vertices)
 
 
 def evaluate_mesh(ctx: Any, mesh: MeshData) -> dict[str, float]:

@@ -17,7 +17,19 @@ the right prompt (one decision per asset).
   evaluation views, intersection over union summed over all views (1 is exact);
 - ``colour_error``: CIE76 Delta E in CIELAB (D65) between the mean colour of the asset's covered
   pixels and that of the true object's, over the same views (the true object drawn as the world's
-  images show it; about 2.3 is a just-noticeable difference, red vs orange is about 50).
+  images show it; about 2.3 is a just-noticeable difference, red vs orange is about 50);
+- surface measures (export/measures.py, one implementation for the job, the CLI and the benches),
+  **scale-free and yaw-free**: the asset centred, scaled to the truth's bounding-box diagonal and
+  turned about the vertical axis to its best yaw (the prior knows size only up to its camera
+  range and yaw not at all): ``chamfer_aligned`` (of the diagonal; 0 exact), ``normal_consistency``
+  (area-weighted mean |cos| to the truth's normal at the closest point; a clean cube 1.0, a
+  sphere judged as a cube 0.83), ``area_ratio`` (1 exact; wrinkles raise it);
+- raw: ``area_ratio_raw``, ``half_extent`` against ``true_half_extent`` (the world's 0.4);
+- ``colour_noise``: mean dE76 between each surface sample's colour and its 16 nearest samples'
+  mean (0 for flat colour; speckle high), beside ``true_colour_noise``, what the true object's
+  smooth shading gives.
+
+``score_stages`` applies them to each stage's final mesh (with no scorer, those that need no render).
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..export.measures import colour_noise, srgb_to_lab, surface_measures  # noqa: F401 (srgb_to_lab: callers import it here)
 from ..export.mesh import MeshData, MeshError
 from ..pipeline.metrics import EVAL_RESOLUTION, chamfer_relative, held_out_cameras
 from ..scene.cameras import Cameras
@@ -102,19 +115,6 @@ def retrieve(scorer: Scorer, images: torch.Tensor, prompt: str, prompts: Sequenc
     }
 
 
-def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """sRGB in [0, 1] (..., 3) -> CIELAB (D65 white)."""
-    rgb = np.clip(np.asarray(rgb, dtype=np.float64), 0.0, 1.0)
-    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
-    m = np.array([[0.4124564, 0.3575761, 0.1804375],
-                  [0.2126729, 0.7151522, 0.0721750],
-                  [0.0193339, 0.1191920, 0.9503041]])
-    xyz = lin @ m.T / np.array([0.95047, 1.0, 1.08883])
-    eps, kappa = 216 / 24389, 24389 / 27
-    f = np.where(xyz > eps, np.cbrt(xyz), (kappa * xyz + 16) / 116)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
-
-
 def mean_colour(images: torch.Tensor, alpha: torch.Tensor) -> np.ndarray:
     """Mean sRGB colour of the covered pixels (alpha > 0.5) over all images; NaN when nothing is covered."""
     mask = (alpha > 0.5).float()
@@ -126,7 +126,8 @@ def mean_colour(images: torch.Tensor, alpha: torch.Tensor) -> np.ndarray:
 
 def ground_truth_measures(asset: Renderable, truth: Renderable, cameras: Cameras,
                           resolution: int = EVAL_RESOLUTION, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Chamfer (relative), silhouette IoU and mean-colour error (CIELAB Delta E 76) of an asset against the true object."""
+    """Chamfer (relative), silhouette IoU, mean-colour error (CIELAB Delta E 76), the surface
+    measures and the colour noise of an asset against the true object."""
     img_a, alpha_a = asset.render(cameras, resolution, device)
     img_t, alpha_t = truth.render(cameras, resolution, device)
     ma, mt = alpha_a > 0.5, alpha_t > 0.5
@@ -135,11 +136,22 @@ def ground_truth_measures(asset: Renderable, truth: Renderable, cameras: Cameras
     ca, ct = mean_colour(img_a, alpha_a), mean_colour(img_t, alpha_t)
     delta_e = float(np.linalg.norm(srgb_to_lab(ca) - srgb_to_lab(ct)))
     return {
-        "chamfer_rel": chamfer_relative(asset.mesh, truth.mesh),
         "silhouette_iou": iou,
         "colour_error": delta_e,
         "mean_colour_rgb": [round(float(v), 4) for v in ca],
         "true_colour_rgb": [round(float(v), 4) for v in ct],
+        **mesh_measures(asset, truth),
+    }
+
+
+def mesh_measures(asset: Renderable, truth: Renderable) -> dict[str, float]:
+    """The ground-truth measures that need no render (seconds): relative Chamfer, the surface
+    measures and the colour noise of the asset and of the truth."""
+    return {
+        "chamfer_rel": chamfer_relative(asset.mesh, truth.mesh),
+        **surface_measures(asset.mesh, truth.mesh),
+        "colour_noise": colour_noise(asset.mesh, asset.vertex_colours),
+        "true_colour_noise": colour_noise(truth.mesh, truth.vertex_colours),
     }
 
 
@@ -247,31 +259,57 @@ def load_asset(path: str | Path) -> tuple[MeshData, str | None]:
     return mesh, prompt
 
 
+#: The measures each stage and each asset reports, and the table and the means show.
+MEASURE_KEYS = ("r_precision", "chamfer_rel", "silhouette_iou", "colour_error", "chamfer_aligned",
+                "normal_consistency", "area_ratio", "area_ratio_raw", "half_extent", "colour_noise")
+
+
+def score_stages(meshes: dict[str, MeshData], prompt: str, scorer: Scorer | None, views: int = PAPER_VIEWS,
+                 device: torch.device | str = "cpu") -> dict[str, dict[str, Any]]:
+    """Every measure of each stage's final mesh (stage name -> MEASURE_KEYS, plus the truth's
+    half-extent and colour noise), in the stages' order. With no ``scorer`` only the measures that
+    need no render (:func:`mesh_measures`, seconds a stage); R-precision, IoU and colour error are null."""
+    out = {}
+    for stage, mesh in meshes.items():
+        if scorer is None:
+            q: dict[str, Any] = mesh_measures(Renderable(mesh), true_object(prompt))
+        else:
+            q = score_asset(mesh, prompt, scorer, views=views, device=device)
+        out[stage] = {k: q.get(k) for k in (*MEASURE_KEYS, "true_half_extent", "true_colour_noise")}
+    return out
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A plain-text table of score_asset results (one line per asset, then the mean)."""
     def num(v: Any, fmt: str) -> str:
         return format(v, fmt) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
 
-    head = f"{'asset':<28} {'prompt':<22} {'R-prec':>6} {'views':>7} {'top1':>4} {'chamfer':>8} {'sil IoU':>7} {'dE76':>6}  most retrieved"
+    def surface(r: dict) -> str:
+        return (f"{num(r.get('chamfer_aligned'), '.4f'):>7} {num(r.get('normal_consistency'), '.3f'):>5} "
+                f"{num(r.get('area_ratio'), '.2f'):>5} {num(r.get('half_extent'), '.3f'):>6} "
+                f"{num(r.get('colour_noise'), '.1f'):>5}")
+
+    head = (f"{'asset':<28} {'prompt':<22} {'R-prec':>6} {'views':>7} {'top1':>4} {'chamfer':>8} {'sil IoU':>7} "
+            f"{'dE76':>6} {'CD~':>7} {'NC~':>5} {'area~':>5} {'h-ext':>6} {'noise':>5}  most retrieved")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{str(r.get('asset', ''))[-28:]:<28} {r['prompt'][:22]:<22} {num(r['r_precision'], '.3f'):>6} "
                      f"{r['views_right']:>3}/{r['views']:<3} {'yes' if r['asset_top1'] else 'no':>4} "
                      f"{num(r.get('chamfer_rel'), '.4f'):>8} {num(r.get('silhouette_iou'), '.3f'):>7} "
-                     f"{num(r.get('colour_error'), '.1f'):>6}  {r['most_retrieved']}")
+                     f"{num(r.get('colour_error'), '.1f'):>6} {surface(r)}  {r['most_retrieved']}")
     if len(rows) > 1:
         s = summarise(rows)
         lines.append("-" * len(head))
         lines.append(f"{'mean of ' + str(len(rows)) + ' assets':<28} {'':<22} {num(s['r_precision'], '.3f'):>6} {'':>7} "
                      f"{num(s['asset_top1'], '.2f'):>4} {num(s.get('chamfer_rel'), '.4f'):>8} "
-                     f"{num(s.get('silhouette_iou'), '.3f'):>7} {num(s.get('colour_error'), '.1f'):>6}")
+                     f"{num(s.get('silhouette_iou'), '.3f'):>7} {num(s.get('colour_error'), '.1f'):>6} {surface(s)}")
     return "\n".join(lines)
 
 
 def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
     """Means over assets of R-precision, asset_top1 and the ground-truth measures (those present)."""
     out: dict[str, float | None] = {"assets": float(len(rows))}
-    for key in ("r_precision", "asset_top1", "chamfer_rel", "silhouette_iou", "colour_error"):
+    for key in ("asset_top1", *MEASURE_KEYS):
         vals = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float, bool))]
         out[key] = float(np.mean(vals)) if vals else None
     return out
