@@ -7,6 +7,8 @@ cube, the pyramid, caps and bases) have their own vertices, so plain diffuse sha
 edges; curved surfaces have smooth normals.
 
 Prompts are exactly ``"a red cube"``, ``"an orange torus"``: the article follows the colour word.
+The oriented shapes (ORIENTED_SHAPES: a mug, an arrow, a house) have a front, facing -Y; their
+prompts (ORIENTED_PROMPTS) sit beside the 36 in ALL_PROMPTS, and parse_prompt knows both.
 This module's API (SHAPES, COLOURS, PROMPTS, prompt_for, parse_prompt, caption, ToyMesh,
 object_mesh, COLOUR_RGB) is stable: the evaluator and the ground-truth measures build on it.
 """
@@ -24,6 +26,11 @@ from ..config import ConfigError
 from ..scene.cameras import view_suffix
 
 SHAPES: tuple[str, ...] = ("cube", "sphere", "cylinder", "cone", "torus", "square pyramid")
+#: Shapes whose front differs from their back and sides (against the Janus problem). Their front
+#: faces -Y, the world's front (a camera at azimuth 0 sees it): the mug's handle is on its right
+#: (+X), the arrow points right (+X), the house's door is on its front wall.
+ORIENTED_SHAPES: tuple[str, ...] = ("mug", "arrow", "house")
+ALL_SHAPES: tuple[str, ...] = SHAPES + ORIENTED_SHAPES
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "orange", "purple")
 
 #: Diffuse albedo of each colour word (linear RGB in [0, 1]); saturated and far apart in hue.
@@ -43,19 +50,22 @@ HALF_EXTENT = 0.4
 
 def prompt_for(shape: str, colour: str) -> str:
     """The world's prompt for one object: "a red cube", "an orange torus"."""
-    if shape not in SHAPES or colour not in COLOURS:
-        raise ConfigError(f"no toy object {colour!r} {shape!r}; shapes: {', '.join(SHAPES)}; colours: {', '.join(COLOURS)}")
+    if shape not in ALL_SHAPES or colour not in COLOURS:
+        raise ConfigError(f"no toy object {colour!r} {shape!r}; shapes: {', '.join(ALL_SHAPES)}; colours: {', '.join(COLOURS)}")
     article = "an" if colour[0] in "aeiou" else "a"
     return f"{article} {colour} {shape}"
 
 
 #: The 36 prompts, colour-major within each shape: PROMPTS[s * 6 + c] is shape s, colour c.
 PROMPTS: tuple[str, ...] = tuple(prompt_for(s, c) for s in SHAPES for c in COLOURS)
+#: The oriented objects' prompts, in the same layout; ALL_PROMPTS[k] is ALL_SHAPES[k // 6], colour k % 6.
+ORIENTED_PROMPTS: tuple[str, ...] = tuple(prompt_for(s, c) for s in ORIENTED_SHAPES for c in COLOURS)
+ALL_PROMPTS: tuple[str, ...] = PROMPTS + ORIENTED_PROMPTS
 
 
 def object_index(shape: str, colour: str) -> int:
-    """Position of an object in :data:`PROMPTS`."""
-    return SHAPES.index(shape) * len(COLOURS) + COLOURS.index(colour)
+    """Position of an object in :data:`ALL_PROMPTS` (for the symmetric shapes, also in :data:`PROMPTS`)."""
+    return ALL_SHAPES.index(shape) * len(COLOURS) + COLOURS.index(colour)
 
 
 def parse_prompt(prompt: str) -> tuple[str, str]:
@@ -66,18 +76,18 @@ def parse_prompt(prompt: str) -> tuple[str, str]:
     """
     text = re.sub(r"\s+", " ", prompt.strip().lower())
     base = text.split(",")[0].strip()
-    for shape in SHAPES:
+    for shape in ALL_SHAPES:
         for colour in COLOURS:
             if base == prompt_for(shape, colour):
                 return shape, colour
     words = set(re.findall(r"[a-z]+", base))
     hint = ""
-    unknown = sorted(words - set(COLOURS) - {w for s in SHAPES for w in s.split()} - {"a", "an"})
+    unknown = sorted(words - set(COLOURS) - {w for s in ALL_SHAPES for w in s.split()} - {"a", "an"})
     if unknown:
         hint = f" (unknown word{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)})"
     raise ConfigError(
-        f"the toy world does not know the prompt {prompt!r}{hint}. It knows 36 prompts of the form "
-        f"'a <colour> <shape>' ('an' before 'orange'): colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}. "
+        f"the toy world does not know the prompt {prompt!r}{hint}. It knows {len(ALL_PROMPTS)} prompts of the form "
+        f"'a <colour> <shape>' ('an' before 'orange'): colours {', '.join(COLOURS)}; shapes {', '.join(ALL_SHAPES)}. "
         f"Example: 'a red cube', 'an orange torus'.")
 
 
@@ -130,6 +140,37 @@ class _Builder:
                 a, b, c, d = idx[i, j], idx[i2, j], idx[i2, j + 1], idx[i, j + 1]
                 faces += [(a, c, b), (a, d, c)]  # u east, v down: counter-clockwise from outside
         self.add(points.reshape(-1, 3), normals.reshape(-1, 3), torch.tensor(faces))
+
+    def merge(self, mesh: ToyMesh, offset: tuple[float, float, float]) -> None:
+        """Another mesh's triangles, moved by ``offset``."""
+        self.add(mesh.vertices + torch.tensor(offset), mesh.normals, mesh.faces)
+
+    def extrude(self, outline: list[tuple[float, float]], pieces: list[list[tuple[float, float]]],
+                u: tuple[float, float, float], v: tuple[float, float, float], w0: float, w1: float) -> None:
+        """A flat-sided prism: a polygon (counter-clockwise in the (u, v) plane) swept along u x v
+        from w0 to w1; its caps are the convex ``pieces`` the polygon splits into (fans)."""
+        U, V = torch.tensor(u), torch.tensor(v)
+        W = torch.linalg.cross(U, V, dim=0)
+
+        def point(p: tuple[float, float], w: float) -> torch.Tensor:
+            return p[0] * U + p[1] * V + w * W
+
+        tris = []
+        for piece in pieces:
+            for i in range(1, len(piece) - 1):
+                a, b, c = piece[0], piece[i], piece[i + 1]
+                tris += [torch.stack([point(a, w1), point(b, w1), point(c, w1)]),
+                         torch.stack([point(a, w0), point(c, w0), point(b, w0)])]
+        for p, q in zip(outline, outline[1:] + outline[:1]):
+            tris += [torch.stack([point(p, w0), point(q, w0), point(q, w1)]),
+                     torch.stack([point(p, w0), point(q, w1), point(p, w1)])]
+        self.flat_triangles(torch.stack(tris))
+
+    def box(self, lo: tuple[float, float, float], hi: tuple[float, float, float]) -> None:
+        """An axis-aligned box with flat faces."""
+        rect = [(lo[0], lo[2]), (hi[0], lo[2]), (hi[0], hi[2]), (lo[0], hi[2])]
+        # u = X, v = Z sweeps along -Y: from w = -hi[1] to w = -lo[1].
+        self.extrude(rect, [rect], (1.0, 0.0, 0.0), (0.0, 0.0, 1.0), -hi[1], -lo[1])
 
     def build(self) -> ToyMesh:
         return ToyMesh(torch.cat(self.v), torch.cat(self.f), torch.cat(self.n))
@@ -228,12 +269,53 @@ def _square_pyramid(h: float) -> ToyMesh:
     return b.build()
 
 
+def _fit(mesh: ToyMesh) -> ToyMesh:
+    """The mesh moved so that its bounding box is centred on the origin and scaled to half-extent 0.4."""
+    lo, hi = mesh.vertices.amin(0), mesh.vertices.amax(0)
+    scale = HALF_EXTENT / float((hi - lo).max() / 2)
+    return ToyMesh((mesh.vertices - (lo + hi) / 2) * scale, mesh.faces, mesh.normals)
+
+
+def _mug() -> ToyMesh:
+    b = _Builder()
+    b.merge(_cylinder(0.25, 0.4), (-0.08, 0.0, 0.0))
+    # A squared-off handle on +X, its inner end buried in the body's wall.
+    handle = [(0.12, -0.22), (0.33, -0.22), (0.33, 0.22), (0.12, 0.22), (0.12, 0.12), (0.25, 0.12), (0.25, -0.12),
+              (0.12, -0.12)]
+    pieces = [[(0.12, -0.22), (0.33, -0.22), (0.33, -0.12), (0.12, -0.12)],
+              [(0.25, -0.12), (0.33, -0.12), (0.33, 0.12), (0.25, 0.12)],
+              [(0.12, 0.12), (0.33, 0.12), (0.33, 0.22), (0.12, 0.22)]]
+    b.extrude(handle, pieces, (1.0, 0.0, 0.0), (0.0, 0.0, 1.0), -0.05, 0.05)
+    return _fit(b.build())
+
+
+def _arrow() -> ToyMesh:
+    b = _Builder()
+    # An upright sign seen from the front (u = X right, v = Z up), pointing right, 0.16 thick.
+    shaft = [(-0.4, -0.12), (0.05, -0.12), (0.05, 0.12), (-0.4, 0.12)]
+    head = [(0.05, -0.3), (0.4, 0.0), (0.05, 0.3)]
+    outline = [(-0.4, -0.12), (0.05, -0.12), (0.05, -0.3), (0.4, 0.0), (0.05, 0.3), (0.05, 0.12), (-0.4, 0.12)]
+    b.extrude(outline, [shaft, head], (1.0, 0.0, 0.0), (0.0, 0.0, 1.0), -0.08, 0.08)
+    return _fit(b.build())
+
+
+def _house() -> ToyMesh:
+    b = _Builder()
+    # Walls and a gable roof in one prism: the gable ends face the sides (+-X), the ridge runs along X.
+    gable = [(-0.28, -0.4), (0.28, -0.4), (0.28, 0.1), (0.0, 0.4), (-0.28, 0.1)]
+    b.extrude(gable, [gable], (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), -0.36, 0.36)
+    b.box((-0.2, -0.35, -0.4), (-0.04, -0.28, -0.06))      # the door, left of centre on the front wall
+    b.box((0.14, 0.04, 0.0), (0.26, 0.16, 0.38))           # a chimney on the back slope, right
+    return _fit(b.build())
+
+
 @lru_cache(maxsize=None)
 def object_mesh(shape: str) -> ToyMesh:
     """The mesh of a shape, upright on +Z, bounding box centred on the origin, half-extent 0.4.
 
     The torus: major radius 0.28, tube radius 0.12, axis Z (hole up). The cylinder and the cone:
-    radius 0.35 and 0.4, height 0.8. Treat the returned tensors as read-only (they are cached).
+    radius 0.35 and 0.4, height 0.8. The oriented shapes (ORIENTED_SHAPES) face -Y. Treat the
+    returned tensors as read-only (they are cached).
     """
     h = HALF_EXTENT
     builders = {
@@ -243,9 +325,12 @@ def object_mesh(shape: str) -> ToyMesh:
         "cone": lambda: _cone(h, h),
         "torus": lambda: _torus(0.28, 0.12),
         "square pyramid": lambda: _square_pyramid(h),
+        "mug": _mug,
+        "arrow": _arrow,
+        "house": _house,
     }
     if shape not in builders:
-        raise ConfigError(f"unknown toy shape {shape!r}; shapes: {', '.join(SHAPES)}")
+        raise ConfigError(f"unknown toy shape {shape!r}; shapes: {', '.join(ALL_SHAPES)}")
     return builders[shape]()
 
 
