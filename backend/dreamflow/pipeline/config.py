@@ -88,6 +88,10 @@ class GeometryStageConfig:
     # Per rendered pixel (the image loss sums over pixels), so the balance holds at any resolution.
     normal_consistency_weight: float = setting(1e-3, 0.0, 1000.0)
     laplacian_weight: float = setting(1e-3, 0.0, 1000.0)
+    # Added to the prompt for the prior that judges 2a's normal maps ("a red cube, normal map"):
+    # "" keeps the paper's prompt (Stable Diffusion); "normal map" asks a prior trained on captioned
+    # normal maps (the toy world's) for one.
+    normal_map_caption: Literal["", "normal map"] = ""
     cameras: CameraRanges = CameraRanges()
     preview_every: int = setting(50, 0, 100_000)  # 0: never
     mesh_every: int = setting(250, 0, 100_000)  # 0: only the final mesh
@@ -222,7 +226,7 @@ def _toy() -> JobConfig:
     the cameras are the ones its training images were rendered from (toyworld.dataset.TOY_CAMERAS).
     """
     from ..toyworld import GENERATOR_FOLDER
-    from ..toyworld.dataset import TOY_CAMERAS
+    from ..toyworld.dataset import NORMAL_MAP_CAPTION, TOY_CAMERAS
 
     p = _preview()
     folder = str(GENERATOR_FOLDER)
@@ -236,7 +240,8 @@ def _toy() -> JobConfig:
         # smaller steps on 128 px normal maps (the VAE sees 64), mostly turning the NeRF into a DMTet mesh.
         # It starts from stage 1's exported mesh: the short run's NeRF keeps faint floaters that,
         # read from the raw density, grew surface out to the tet grid's edge and cost silhouette IoU.
-        geometry=replace(p.geometry, steps=150, resolution=128, lr=1e-3, cameras=TOY_CAMERAS, init_from="mesh"),
+        geometry=replace(p.geometry, steps=150, resolution=128, lr=1e-3, cameras=TOY_CAMERAS, init_from="mesh",
+                         normal_map_caption=NORMAL_MAP_CAPTION),
         # The paper's texture learning rates: the preview's raised ones (tuned on the exact reference
         # prior) moved stage 1's already right colours further from the object's true colour.
         texture=replace(p.texture, cameras=TOY_CAMERAS, lr_grid=1e-2, lr_mlp=1e-3,
