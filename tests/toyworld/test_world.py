@@ -137,3 +137,16 @@ def test_oriented_training_views_are_front_biased_and_mostly_uncaptioned_for_the
         assert data.captions[i] in (prompt, f"{prompt}, {view_suffix(az, el)}")
         named += data.captions[i] != prompt
     assert abs(named / len(data) - ORIENTED_VIEW_CAPTIONED) < 0.15
+
+
+def test_a_toy_model_refuses_an_object_it_was_not_trained_on(tmp_path):
+    import json
+
+    from dreamflow.toyworld.world import MARKER_FILE, check_prompt_for_model
+
+    (tmp_path / MARKER_FILE).write_text(json.dumps({"prompts": list(PROMPTS)}))
+    check_prompt_for_model(str(tmp_path), "a red cube, front view")
+    with pytest.raises(ConfigError, match="not trained on 'a red mug'"):
+        check_prompt_for_model(str(tmp_path), "a red mug")
+    (tmp_path / MARKER_FILE).write_text(json.dumps({"prompts": list(ALL_PROMPTS)}))
+    check_prompt_for_model(str(tmp_path), "a red mug")

@@ -353,3 +353,17 @@ def check_prompt_for_model(model: str, prompt: str) -> None:
     """
     if prompt.strip() and is_toyworld_model(model):
         parse_prompt(prompt)
+        _check_trained_on(model, prompt)
+
+
+def _check_trained_on(model: str, prompt: str) -> None:
+    """A ConfigError when the model's marker lists the prompts it learnt and this one is not among them
+    (a model trained before the oriented objects knows only the 36)."""
+    import json
+    from pathlib import Path
+
+    known = json.loads((Path(model) / MARKER_FILE).read_text()).get("prompts")
+    base = prompt_for(*parse_prompt(prompt))
+    if known is not None and base not in known:
+        raise ConfigError(f"the toy model {model} was not trained on {base!r}: it knows {len(known)} prompts "
+                          f"(retrain it with `dreamflow toyworld train`, or pick one of its prompts)")
