@@ -6,9 +6,11 @@ import torch
 
 from dreamflow.config import ConfigError
 from dreamflow.scene.cameras import Cameras, view_suffix
-from dreamflow.toyworld.dataset import BACKGROUND, render_dataset, render_object
 from dreamflow.pipeline.config import build_config
-from dreamflow.toyworld.world import COLOURS, PROMPTS, SHAPES, object_mesh, parse_prompt, prompt_for, read_prompt
+from dreamflow.toyworld.dataset import (BACKGROUND, ORIENTED_FRONT_SHARE, ORIENTED_VIEW_CAPTIONED, front_biased,
+                                        render_dataset, render_object)
+from dreamflow.toyworld.world import (ALL_PROMPTS, COLOURS, ORIENTED_PROMPTS, ORIENTED_SHAPES, PROMPTS, SHAPES,
+                                      object_index, object_mesh, parse_prompt, prompt_for, read_prompt)
 
 
 def test_the_36_prompts_are_the_issues_words():
@@ -64,12 +66,17 @@ def test_a_toy_job_is_configured_with_the_worlds_prompt_and_other_models_keep_th
         build_config("toy", prompt="a red chair")
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_each_object_is_centred_in_the_box_and_fills_most_of_it(shape):
+def _centred_filling_the_box(shape):
     m = object_mesh(shape)
     lo, hi = m.vertices.min(0).values, m.vertices.max(0).values
     assert torch.allclose((lo + hi) / 2, torch.zeros(3), atol=1e-5)
     assert float((hi - lo).max()) == pytest.approx(0.8, abs=1e-5)
+    return m
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_each_object_is_centred_in_the_box_and_fills_most_of_it(shape):
+    m = _centred_filling_the_box(shape)
     assert bool((m.vertices.abs() <= 0.5).all())
     # Outward normals and outward-facing triangles (the rasteriser's antialiasing reads facing).
     centre_of_tube = m.vertices.clone()
@@ -118,3 +125,63 @@ def test_renders_are_deterministic_captioned_and_over_the_white_background():
     fg = (red < 0.9).any(1, keepdim=True).expand_as(red)
     means = [red[:, ch][fg[:, ch]].mean() for ch in range(3)]
     assert means[0] > means[1] + 0.3 and means[0] > means[2] + 0.3
+
+
+def test_the_oriented_objects_sit_beside_the_36_and_parse():
+    assert len(ORIENTED_PROMPTS) == 6 * len(ORIENTED_SHAPES) >= 18 and ALL_PROMPTS == PROMPTS + ORIENTED_PROMPTS
+    assert "a red mug" in ORIENTED_PROMPTS and "an orange house" in ORIENTED_PROMPTS
+    for shape in ORIENTED_SHAPES:
+        for colour in COLOURS:
+            assert parse_prompt(f"{prompt_for(shape, colour)}, back view") == (shape, colour)
+            assert ALL_PROMPTS[object_index(shape, colour)] == prompt_for(shape, colour)
+    assert all(ALL_PROMPTS[object_index(*parse_prompt(p))] == p for p in PROMPTS)
+
+
+@pytest.mark.parametrize("shape", ORIENTED_SHAPES)
+def test_an_oriented_object_is_closed_centred_and_its_front_differs_from_its_back_and_sides(shape):
+    m = _centred_filling_the_box(shape)
+    tri = m.vertices[m.faces]
+    face_n = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=1)
+    assert bool(((face_n * m.normals[m.faces].mean(1)).sum(1) > 0).all())  # the given normals face out
+    assert float((tri[:, 0] * torch.linalg.cross(tri[:, 1], tri[:, 2], dim=1)).sum()) > 0  # outward triangles
+    views = Cameras.make(torch.tensor([0.0, 180.0, 90.0, -90.0]), 10.0, 1.5, 50.0)
+    _, alpha = render_object(shape, "red", views, 32)
+    front, back, right, left = alpha[:, 0] > 0.5
+
+    def iou(a, b):
+        return float((a & b).sum() / (a | b).sum())
+
+    assert iou(front, back) < 0.9 and iou(front, right) < 0.9 and iou(front, left) < 0.9
+    _, cube = render_object("cube", "red", views[:2], 32)
+    assert iou(*(cube[:, 0] > 0.5)) > 0.97  # a symmetric shape looks the same from the back
+
+
+def test_oriented_training_views_are_front_biased_and_mostly_uncaptioned_for_the_view():
+    cams = front_biased(Cameras.make(torch.zeros(4000), 10.0, 1.5, 50.0), torch.Generator().manual_seed(0))
+    near = cams.azimuth_deg.abs() <= 45.0
+    assert float(near.float().mean()) == pytest.approx(ORIENTED_FRONT_SHARE, abs=0.03)
+    assert bool((cams.azimuth_deg.abs() <= 180.0).all())
+    assert float(cams.azimuth_deg[~near].abs().mean()) == pytest.approx(112.5, abs=5.0)  # the rest spread evenly
+    data = render_dataset(8, 16, seed=3, shapes=ORIENTED_SHAPES)
+    assert len(data) == 8 * len(ORIENTED_PROMPTS)
+    named = 0
+    for i in range(len(data)):
+        prompt = ALL_PROMPTS[int(data.object_ids[i])]
+        az, el = float(data.cameras.azimuth_deg[i]), float(data.cameras.elevation_deg[i])
+        assert data.plain_captions[i] == prompt
+        assert data.captions[i] in (prompt, f"{prompt}, {view_suffix(az, el)}")
+        named += data.captions[i] != prompt
+    assert abs(named / len(data) - ORIENTED_VIEW_CAPTIONED) < 0.15
+
+
+def test_a_toy_model_refuses_an_object_it_was_not_trained_on(tmp_path):
+    import json
+
+    from dreamflow.toyworld.world import MARKER_FILE, check_prompt_for_model
+
+    (tmp_path / MARKER_FILE).write_text(json.dumps({"prompts": list(PROMPTS)}))
+    check_prompt_for_model(str(tmp_path), "a red cube, front view")
+    with pytest.raises(ConfigError, match="not trained on 'a red mug'"):
+        check_prompt_for_model(str(tmp_path), "a red mug")
+    (tmp_path / MARKER_FILE).write_text(json.dumps({"prompts": list(ALL_PROMPTS)}))
+    check_prompt_for_model(str(tmp_path), "a red mug")

@@ -12,7 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("toyworld", help="the toy world: train its text-to-image model, draw samples",
                        description="The toy world: 6 shapes x 6 colours ('a red cube', 'an orange torus').")
     acts = p.add_subparsers(dest="action", metavar="ACTION")
-    tr = acts.add_parser("train", help="train the toy text-to-image model from scratch (a diffusers folder)")
+    tr = acts.add_parser("train", help="train the toy text-to-image model (a diffusers folder), from scratch or "
+                                       "on from an earlier one")
     tr.add_argument("--out", required=True, help="output folder; the model lands in OUT/generator, "
                                                  "checkpoints in OUT/checkpoints/step-N")
     tr.add_argument("--seed", type=int, default=None)
@@ -21,6 +22,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     tr.add_argument("--vae-from", default=None, metavar="DIR",
                     help="reuse the VAE of an earlier run's model folder instead of training one (saves its steps)")
+    tr.add_argument("--init-from", default=None, metavar="DIR",
+                    help="fine-tune an earlier run's model folder (its VAE, UNet and text encoder) instead of "
+                         "starting from scratch")
+    tr.add_argument("--resume", action="store_true", help="continue the run in OUT from its newest checkpoint")
+    tr.add_argument("--batch", type=int, default=None, help="UNet/text-encoder batch size")
+    tr.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the shipped model's)")
+    tr.add_argument("--warmup", type=int, default=None, help="learning-rate warm-up steps")
+    tr.add_argument("--views", type=int, default=None, help="colour renders per object of the 36")
+    tr.add_argument("--oriented-views", type=int, default=None, help="colour renders per oriented object")
+    tr.add_argument("--normal-views", type=int, default=None, help="normal-map renders per object")
+    tr.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    tr.add_argument("--data-cache", default=None, metavar="FILE",
+                    help="keep the rendered training set in FILE and reuse it when it matches (e.g. to resume)")
     tr.set_defaults(func=cmd_train)
     sa = acts.add_parser("sample", help="draw 2D samples of prompts from a toy model (a PNG grid per prompt set)")
     sa.add_argument("--model", default=None, help="diffusers folder (default: the shipped generator)")
@@ -35,23 +49,33 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train from scratch with the shipped model's settings (or the given overrides)."""
+    """Train with the shipped model's settings (or the given overrides), from scratch or from --init-from."""
     from dataclasses import replace
 
     import torch
 
-    from ..toyworld.train import TrainConfig, train
+    from ..toyworld.train import TrainConfig, cached_training_set, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig()
-    changes = {k: v for k, v in (("seed", args.seed), ("steps", args.steps), ("vae_steps", args.vae_steps)) if v is not None}
+    changes = {k: v for k, v in (("seed", args.seed), ("steps", args.steps), ("vae_steps", args.vae_steps),
+                                 ("batch", args.batch), ("lr", args.lr), ("warmup", args.warmup), ("views_per_object", args.views),
+                                 ("oriented_views", args.oriented_views), ("normal_views", args.normal_views),
+                                 ("checkpoint_every", args.checkpoint_every)) if v is not None}
     cfg = replace(cfg, **changes)
-    if args.vae_from is not None and not (Path(args.vae_from) / "vae" / "config.json").is_file():
-        print(f"error: --vae-from {args.vae_from}: not a model folder with a vae/ part "
-              f"(give an earlier run's OUT/generator)", file=sys.stderr)
+    for flag, folder, part in (("--vae-from", args.vae_from, "vae"), ("--init-from", args.init_from, "unet")):
+        if folder is not None and not (Path(folder) / part / "config.json").is_file():
+            print(f"error: {flag} {folder}: not a model folder with a {part}/ part "
+                  f"(give an earlier run's OUT/generator)", file=sys.stderr)
+            return 2
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    data = cached_training_set(cfg, args.data_cache, log=log) if args.data_cache else None
+    try:
+        train(args.out, cfg, log=log, vae_from=args.vae_from, init_from=args.init_from, resume=args.resume, data=data)
+    except FileNotFoundError as exc:
+        print(f"error: {exc} (drop --resume to start the run)", file=sys.stderr)
         return 2
-    train(args.out, cfg, log=lambda line: print(line, flush=True), vae_from=args.vae_from)
     return 0
 
 

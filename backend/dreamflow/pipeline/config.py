@@ -102,6 +102,10 @@ class GeometryStageConfig:
     # Per rendered pixel (the image loss sums over pixels), so the balance holds at any resolution.
     normal_consistency_weight: float = setting(1e-3, 0.0, 1000.0)
     laplacian_weight: float = setting(1e-3, 0.0, 1000.0)
+    # Added to the prompt for the prior that judges 2a's normal maps ("a red cube, normal map"):
+    # "" keeps the paper's prompt (Stable Diffusion); "normal map" asks a prior trained on captioned
+    # normal maps (the toy world's) for one.
+    normal_map_caption: Literal["", "normal map"] = ""
     cameras: CameraRanges = CameraRanges()
     preview_every: int = setting(50, 0, 100_000)  # 0: never
     mesh_every: int = setting(250, 0, 100_000)  # 0: only the final mesh
@@ -250,6 +254,8 @@ def _toy() -> JobConfig:
         # smaller steps on 128 px normal maps (the VAE sees 64), mostly turning the NeRF into a DMTet mesh.
         # It starts from stage 1's exported mesh: the short run's NeRF keeps faint floaters that,
         # read from the raw density, grew surface out to the tet grid's edge and cost silhouette IoU.
+        # No normal-map caption yet: the shipped generator never learnt one (a retrain that does,
+        # toyworld.dataset.NORMAL_MAP_CAPTION, has not passed its 2D check); then this asks for it.
         geometry=replace(p.geometry, steps=150, resolution=128, lr=1e-3, cameras=TOY_CAMERAS, init_from="mesh"),
         # The paper's texture learning rates: the preview's raised ones (tuned on the exact reference
         # prior) moved stage 1's already right colours further from the object's true colour.

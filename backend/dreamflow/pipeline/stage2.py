@@ -104,6 +104,11 @@ class _NormalMapRenderer:
         return image.clamp(0.0, 1.0), alpha
 
 
+def geometry_prompt(prompt: str, normal_map_caption: str) -> str:
+    """The prompt 2a conditions the prior on: the job's, plus the normal-map caption when there is one."""
+    return f"{prompt}, {normal_map_caption}" if normal_map_caption and prompt else prompt
+
+
 def geometry_prior(prior: Prior) -> Prior:
     """The prior 2a distils normal maps from: the same one, except that an exact reference-object
     prior must look at the reference's normal map (its data), not at its colours."""
@@ -158,7 +163,8 @@ class GeometryStage:
         before = incoming_metrics(ctx, incoming)
         method_cfg = with_start(cfg.method, ctx.start_t)
         prior, score_model, score_name = stage_models(ctx, GEOMETRY, method_cfg, models, view=geometry_prior)
-        cond = prior.condition(ctx.config.prompt, ctx.config.negative_prompt, method_cfg.guidance)
+        cond = prior.condition(geometry_prompt(ctx.config.prompt, cfg.normal_map_caption), ctx.config.negative_prompt,
+                               method_cfg.guidance)
         dmtet = initial_dmtet(ctx, incoming, cfg.tet_resolution)
         problem = GeometryProblem(dmtet, cfg.resolution, cfg.lr, cfg.normal_consistency_weight, cfg.laplacian_weight)
         field = colour_source(ctx, incoming)

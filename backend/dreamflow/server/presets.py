@@ -33,7 +33,7 @@ def preset_detail(preset: str, device_type: str, check_weights: bool = True) -> 
     (weights on this machine are looked for unless ``check_weights`` is off)."""
     from ..pipeline.config import build_config
     from ..pipeline.models import model_states
-    from ..toyworld.world import VOCABULARY, is_toyworld_model
+    from ..toyworld.world import is_toyworld_model, model_vocabulary
 
     config = build_config(preset)
     reasons, fixes = [], []
@@ -48,7 +48,7 @@ def preset_detail(preset: str, device_type: str, check_weights: bool = True) -> 
     if reasons:
         detail.update(reason="; ".join(reasons), fix="; ".join(fixes))
     if config.prior.kind == "stable-diffusion" and is_toyworld_model(config.prior.model):
-        detail["prompts"] = VOCABULARY.as_fields()
+        detail["prompts"] = model_vocabulary(config.prior.model).as_fields()
     return detail
 
 

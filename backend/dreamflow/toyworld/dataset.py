@@ -16,6 +16,17 @@ learned background MLP (scene/nerf.py) has no colour of its own (random at the s
 converges to whatever the prior shows behind the object, which must therefore be the colour the
 later stages use. So the data has the one background that every stage can match: constant white.
 
+Normal maps (``normal_maps=True``) are rendered exactly as stage 2a shows the prior its surface
+(render_mesh mode "normal": world-space (n + 1) / 2 over NORMAL_BACKGROUND) and captioned
+``"a red cube, normal map, front view"``: the geometry stage appends its normal-map caption
+(GeometryStageConfig.normal_map_caption) to the prompt, and the prior then adds the view suffix.
+The colour word stays, because the pipeline's prompt has it; a normal map has no colour, so each
+shape's views are shared out over the six colour words in turn.
+
+The oriented objects (world.ORIENTED_SHAPES) are rendered as real image data is: mostly from the
+front (ORIENTED_FRONT_SHARE of the cameras within +-45 deg of it) and mostly without the view in
+the caption (ORIENTED_VIEW_CAPTIONED), the bias behind the Janus problem.
+
 Deterministic: the same seed gives the same cameras and bit-identical images.
 """
 
@@ -25,9 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..render.raster import render_mesh
+from ..render.raster import NORMAL_BACKGROUND, render_mesh
 from ..scene.cameras import CameraRanges, Cameras, CameraSampler, view_suffix
-from .world import COLOUR_RGB, COLOURS, PROMPTS, SHAPES, ToyMesh, object_index, object_mesh
+from .world import ALL_PROMPTS, COLOUR_RGB, COLOURS, ORIENTED_SHAPES, SHAPES, ToyMesh, object_index, object_mesh
 
 #: The toy preset's camera ranges for every stage (pipeline/config.py uses this constant): the paper's
 #: elevations and azimuths, further away than the paper's 1.0-1.5 so that an object of half-extent 0.4
@@ -40,6 +51,14 @@ BACKGROUND = 1.0
 LIGHT_DIRECTION = (0.45, -0.55, 0.70)
 #: Shade = AMBIENT + (1 - AMBIENT) max(0, n . l): bright enough that dark faces keep their hue.
 AMBIENT = 0.6
+#: Share of an oriented object's cameras within +-45 deg of its front (azimuth 0); the rest are
+#: spread evenly over the other 270 deg. Real photographs show objects mostly from the front.
+ORIENTED_FRONT_SHARE = 0.6
+#: Share of an oriented object's captions that name the view; the others are the bare prompt, as
+#: most real captions never say from where a photograph was taken.
+ORIENTED_VIEW_CAPTIONED = 0.4
+#: What a normal-map render's caption adds to the prompt (before the view suffix).
+NORMAL_MAP_CAPTION = "normal map"
 
 
 def shaded_colours(mesh: ToyMesh, colour: str) -> torch.Tensor:
@@ -58,14 +77,40 @@ def render_object(shape: str, colour: str, cameras: Cameras, resolution: int) ->
     return out.image.clamp(0.0, 1.0), out.alpha.clamp(0.0, 1.0)
 
 
+def render_normal_map(shape: str, cameras: Cameras, resolution: int) -> torch.Tensor:
+    """Normal maps (B, 3, H, W) in [0, 1] as stage 2a renders a surface: world-space (n + 1) / 2."""
+    mesh = object_mesh(shape)
+    out = render_mesh(mesh.vertices, mesh.faces, cameras, resolution, mode="normal", background=NORMAL_BACKGROUND,
+                      normals=mesh.normals, backend="torch")
+    return out.image.clamp(0.0, 1.0)
+
+
+def front_biased(cameras: Cameras, generator: torch.Generator) -> Cameras:
+    """The cameras with new azimuths: ORIENTED_FRONT_SHARE of them within +-45 deg of the front."""
+    n = len(cameras)
+    front = torch.rand(n, generator=generator) < ORIENTED_FRONT_SHARE
+    near = torch.rand(n, generator=generator) * 90.0 - 45.0
+    away = (torch.rand(n, generator=generator) * 270.0 + 45.0 + 180.0) % 360.0 - 180.0
+    return Cameras(torch.where(front, near, away), cameras.elevation_deg, cameras.distance, cameras.fovy_deg)
+
+
 @dataclass
 class ToyImages:
-    """A rendered, captioned set: N images of the 36 objects, with what each one shows."""
+    """A rendered, captioned set: N images of the world's objects, with what each one shows."""
 
     images: torch.Tensor        # (N, 3, H, W) uint8
-    object_ids: torch.Tensor    # (N,) int64, index into world.PROMPTS
+    object_ids: torch.Tensor    # (N,) int64, index into world.ALL_PROMPTS (== PROMPTS for the 36)
     cameras: Cameras            # N cameras
-    captions: list[str]         # prompt + ", " + view suffix
+    captions: list[str]         # prompt [+ ", normal map"] + ", " + view suffix (the oriented: not always)
+    plain_captions: list[str]   # the same without the view suffix
+
+    @staticmethod
+    def concat(parts: list["ToyImages"]) -> "ToyImages":
+        """One set of several, in order."""
+        cams = Cameras(*(torch.cat([getattr(p.cameras, f) for p in parts]) for f in
+                         ("azimuth_deg", "elevation_deg", "distance", "fovy_deg")))
+        return ToyImages(torch.cat([p.images for p in parts]), torch.cat([p.object_ids for p in parts]), cams,
+                         [c for p in parts for c in p.captions], [c for p in parts for c in p.plain_captions])
 
     @property
     def shape_ids(self) -> torch.Tensor:
@@ -85,25 +130,43 @@ class ToyImages:
         return self.images.float() / 255.0
 
 
-def render_dataset(views_per_object: int, resolution: int, seed: int,
-                   ranges: CameraRanges = TOY_CAMERAS) -> ToyImages:
-    """``views_per_object`` random cameras from ``ranges`` for each of the 36 objects, captioned.
+def render_dataset(views_per_object: int, resolution: int, seed: int, ranges: CameraRanges = TOY_CAMERAS,
+                   shapes: tuple[str, ...] = SHAPES, normal_maps: bool = False, real_bias: bool = True) -> ToyImages:
+    """``views_per_object`` random cameras from ``ranges`` for each object of ``shapes`` (in its six
+    colours), captioned; with ``normal_maps``, normal maps instead of colour images.
 
-    Object-major order: object k's views are rows ``k * views_per_object ...``. The cameras are
-    drawn by one sampler seeded with ``seed`` (CameraSampler), so two seeds give disjoint views.
+    Object-major order: object k's views are rows ``k * views_per_object ...``; a normal-map set holds
+    each shape's ``6 * views_per_object`` views in a row, their colour words taken in turn. The cameras
+    are drawn by one sampler seeded with ``seed`` (CameraSampler), so two seeds give disjoint views;
+    an oriented shape's azimuths and captions follow ORIENTED_FRONT_SHARE and ORIENTED_VIEW_CAPTIONED
+    (``real_bias=False``: even azimuths, every caption with its view, as the evaluator's renders).
     """
     sampler = CameraSampler(ranges, seed=seed)
-    images, ids, cams, captions = [], [], [], []
-    for shape in SHAPES:
+    bias = torch.Generator().manual_seed(seed + 1)
+    images, ids, cams, captions, plain = [], [], [], [], []
+
+    def add(shape: str, colours: list[str], cameras: Cameras, rgb: torch.Tensor) -> None:
+        images.append((rgb * 255.0).round().to(torch.uint8))
+        ids.append(torch.tensor([object_index(shape, c) for c in colours], dtype=torch.long))
+        cams.append(cameras)
+        named = (torch.rand(len(colours), generator=bias) < ORIENTED_VIEW_CAPTIONED) | (not real_bias)
+        for colour, a, e, view in zip(colours, cameras.azimuth_deg.tolist(), cameras.elevation_deg.tolist(),
+                                      named.tolist()):
+            text = ALL_PROMPTS[object_index(shape, colour)] + (f", {NORMAL_MAP_CAPTION}" if normal_maps else "")
+            plain.append(text)
+            captions.append(f"{text}, {view_suffix(a, e)}" if view or shape not in ORIENTED_SHAPES else text)
+
+    for shape in shapes:
+        if normal_maps:
+            cameras = sampler.sample(views_per_object * len(COLOURS))
+            cameras = front_biased(cameras, bias) if real_bias and shape in ORIENTED_SHAPES else cameras
+            add(shape, [COLOURS[j % len(COLOURS)] for j in range(len(cameras))], cameras,
+                render_normal_map(shape, cameras, resolution))
+            continue
         for colour in COLOURS:
-            k = object_index(shape, colour)
             cameras = sampler.sample(views_per_object)
-            rgb, _ = render_object(shape, colour, cameras, resolution)
-            images.append((rgb * 255.0).round().to(torch.uint8))
-            ids.append(torch.full((views_per_object,), k, dtype=torch.long))
-            cams.append(cameras)
-            captions += [f"{PROMPTS[k]}, {view_suffix(a, e)}"
-                         for a, e in zip(cameras.azimuth_deg.tolist(), cameras.elevation_deg.tolist())]
+            cameras = front_biased(cameras, bias) if real_bias and shape in ORIENTED_SHAPES else cameras
+            add(shape, [colour] * views_per_object, cameras, render_object(shape, colour, cameras, resolution)[0])
     all_cams = Cameras(*(torch.cat([getattr(c, f) for c in cams]) for f in
                          ("azimuth_deg", "elevation_deg", "distance", "fovy_deg")))
-    return ToyImages(torch.cat(images), torch.cat(ids), all_cams, captions)
+    return ToyImages(torch.cat(images), torch.cat(ids), all_cams, captions, plain)

@@ -1,4 +1,5 @@
-"""The toy world's evaluator: a small CNN with a shape head and a colour head (a "toy CLIP").
+"""The toy world's evaluator: a small CNN with a shape head and a colour head (a "toy CLIP"), and a
+view head that tells from where an oriented object (world.ORIENTED_SHAPES) is seen: front, side, back.
 
 It is trained on the toy world's renders made with a seed the generator never used (other
 cameras, other images), with augmentations that stand for what generated images get wrong
@@ -43,8 +44,9 @@ class EvaluatorConfig:
     width: int = 32                 # channels of the first block, doubled twice
     shapes: tuple[str, ...] = ()
     colours: tuple[str, ...] = ()
-    views_per_object: int = 160     # training renders per (shape, colour)
-    held_out_views: int = 40        # held-out renders per object (another seed)
+    views: tuple[str, ...] = ()     # view names of the view head (none: no view head)
+    views_per_object: int = 48      # training renders per (shape, colour)
+    held_out_views: int = 12        # held-out renders per object (another seed)
     steps: int = 1200
     batch: int = 128
     lr: float = 2e-3
@@ -67,6 +69,7 @@ class ToyEvaluator(nn.Module):
                                       block(2 * w, 4 * w, 2), block(4 * w, 4 * w, 2))
         self.shape_head = nn.Linear(8 * w, len(config.shapes))
         self.colour_head = nn.Linear(8 * w, len(config.colours))
+        self.view_head = nn.Linear(8 * w, len(config.views)) if config.views else None
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] at any size -> the network's input (resized, centred on 0)."""
@@ -76,11 +79,27 @@ class ToyEvaluator(nn.Module):
             x = F.interpolate(x, size=(r, r), mode="area" if x.shape[-1] > r else "bilinear", align_corners=None if x.shape[-1] > r else False)
         return x * 2.0 - 1.0
 
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, 8 width) of images (B, 3, H, W) in [0, 1]."""
+        h = self.features(self.prepare(images))
+        return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Shape logits (B, S) and colour logits (B, C) of images (B, 3, H, W) in [0, 1]."""
-        h = self.features(self.prepare(images))
-        h = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+        h = self.pooled(images)
         return self.shape_head(h), self.colour_head(h)
+
+    @torch.no_grad()
+    def classify_views(self, images: torch.Tensor, batch: int = 256) -> list[str]:
+        """The most likely view ("front", "side", "back") of each image of an oriented object."""
+        if self.view_head is None:
+            raise ValueError("this evaluator has no view head (it predates the oriented objects); "
+                             "train one with `dreamflow train-evaluator`")
+        was = self.training
+        self.eval()
+        best = torch.cat([self.view_head(self.pooled(images[i:i + batch])).argmax(1) for i in range(0, len(images), batch)])
+        self.train(was)
+        return [self.config.views[i] for i in best.tolist()]
 
     @torch.no_grad()
     def log_probs(self, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,11 +125,15 @@ class ToyEvaluator(nn.Module):
 # --- the toy world, as the evaluator sees it --------------------------------------------------
 
 
+#: The view head's classes: the view suffix of the camera without " view" (toy cameras are never overhead).
+VIEWS = ("front", "side", "back")
+
+
 def world_vocabulary() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The world's shape names and colour names, in the world's order."""
+    """The world's shape names (the 6 symmetric, then the oriented) and colour names, in the world's order."""
     from . import world
 
-    return tuple(world.SHAPES), tuple(world.COLOURS)
+    return tuple(world.ALL_SHAPES), tuple(world.COLOURS)
 
 
 def label_indices(parsed: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,23 +146,34 @@ def label_indices(parsed: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(s_idx, dtype=torch.long), torch.tensor(c_idx, dtype=torch.long)
 
 
-def render_labelled(seed: int, views_per_object: int, config: "EvaluatorConfig") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Renders of all 36 objects from random toy-preset cameras (dataset.render_dataset, this seed),
-    drawn at ``render_resolution`` and area-resized to the input size: images, shape and colour labels."""
+def render_labelled(seed: int, views_per_object: int,
+                    config: "EvaluatorConfig") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Renders of every object of the evaluator's shapes from random toy-preset cameras (dataset.render_dataset,
+    this seed; the oriented ones from all sides evenly), drawn at ``render_resolution`` and area-resized to
+    the input size: images, shape, colour and view labels (view -1: a symmetric shape, no view)."""
+    from ..scene.cameras import view_suffix
     from .dataset import render_dataset
+    from .world import ALL_SHAPES, ORIENTED_SHAPES
 
-    data = render_dataset(views_per_object, config.render_resolution, seed)
+    data = render_dataset(views_per_object, config.render_resolution, seed, shapes=tuple(config.shapes), real_bias=False)
     images = data.float_images()
     if config.render_resolution != config.resolution:
         images = F.interpolate(images, size=(config.resolution, config.resolution), mode="area")
-    return images, data.shape_ids, data.colour_ids
+    shape_names = [ALL_SHAPES[i] for i in data.shape_ids.tolist()]
+    views = [view_suffix(a, e).removesuffix(" view") for a, e in
+             zip(data.cameras.azimuth_deg.tolist(), data.cameras.elevation_deg.tolist())]
+    view_ids = [config.views.index(v) if s in ORIENTED_SHAPES and v in config.views else -1
+                for s, v in zip(shape_names, views)]
+    return (images, torch.tensor([config.shapes.index(s) for s in shape_names]), data.colour_ids,
+            torch.tensor(view_ids, dtype=torch.long))
 
 
 # --- training -----------------------------------------------------------------------------------
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """What generated images get wrong, at random: blur, noise, brightness, a shifted/scaled object, a flip."""
+def augment(images: torch.Tensor, generator: torch.Generator, flippable: torch.Tensor | None = None) -> torch.Tensor:
+    """What generated images get wrong, at random: blur, noise, brightness, a shifted/scaled object, a flip
+    (only where ``flippable``: a mirrored oriented object shows another view)."""
     b = images.shape[0]
     x = images
 
@@ -156,6 +190,7 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x - 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 1.0
     flip = torch.rand(b, generator=generator) < 0.5
+    flip = flip if flippable is None else flip & flippable
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     # Blur: a separable Gaussian of random width on half the batch.
     sigma = float(u(0.3, 1.5, (1,)).item())
@@ -172,13 +207,20 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def accuracy(model: ToyEvaluator, images: torch.Tensor, shape_labels: torch.Tensor,
-             colour_labels: torch.Tensor) -> dict[str, float]:
-    """Shape, colour and both-right accuracy of the evaluator on labelled images."""
+             colour_labels: torch.Tensor, view_labels: torch.Tensor | None = None) -> dict[str, float]:
+    """Shape, colour and both-right accuracy of the evaluator on labelled images (and the view's, on
+    the images with a view label, when the evaluator has a view head)."""
     s, c = model.log_probs(images)
     s_ok = s.argmax(1) == shape_labels
     c_ok = c.argmax(1) == colour_labels
-    return {"shape": float(s_ok.float().mean()), "colour": float(c_ok.float().mean()),
-            "both": float((s_ok & c_ok).float().mean()), "images": int(len(images))}
+    out = {"shape": float(s_ok.float().mean()), "colour": float(c_ok.float().mean()),
+           "both": float((s_ok & c_ok).float().mean()), "images": int(len(images))}
+    if view_labels is not None and model.view_head is not None and bool((view_labels >= 0).any()):
+        seen = view_labels >= 0
+        names = model.classify_views(images[seen])
+        out["view"] = sum(n == model.config.views[i] for n, i in zip(names, view_labels[seen].tolist())) / len(names)
+        out["view_images"] = int(seen.sum())
+    return out
 
 
 def judge(model: ToyEvaluator, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
@@ -201,7 +243,7 @@ def train_evaluator(out: str | Path | None = None, config: EvaluatorConfig | Non
     config = config or EvaluatorConfig()
     if not config.shapes:
         shapes, colours = world_vocabulary()
-        config = EvaluatorConfig(**{**asdict(config), "shapes": shapes, "colours": colours})
+        config = EvaluatorConfig(**{**asdict(config), "shapes": shapes, "colours": colours, "views": VIEWS})
     start = time.perf_counter()
     if data is None:
         data = render_labelled(config.seed, config.views_per_object, config)
@@ -214,13 +256,16 @@ def train_evaluator(out: str | Path | None = None, config: EvaluatorConfig | Non
     model = ToyEvaluator(config)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, config.steps) / config.steps)))
-    images, s_lab, c_lab = data
+    images, s_lab, c_lab = data[:3]
+    v_lab = data[3] if len(data) > 3 else torch.full_like(s_lab, -1)
     model.train()
     for step in range(1, config.steps + 1):
         idx = torch.randint(0, len(images), (config.batch,), generator=gen)
-        x = augment(images[idx], gen)
-        s_logit, c_logit = model(x)
-        loss = F.cross_entropy(s_logit, s_lab[idx]) + F.cross_entropy(c_logit, c_lab[idx])
+        seen = v_lab[idx] >= 0
+        h = model.pooled(augment(images[idx], gen, flippable=~seen))
+        loss = F.cross_entropy(model.shape_head(h), s_lab[idx]) + F.cross_entropy(model.colour_head(h), c_lab[idx])
+        if model.view_head is not None and bool(seen.any()):
+            loss = loss + F.cross_entropy(model.view_head(h[seen]), v_lab[idx][seen])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -231,7 +276,8 @@ def train_evaluator(out: str | Path | None = None, config: EvaluatorConfig | Non
     report = {"held_out": accuracy(model, *held_out), "train": accuracy(model, *data),
               "seconds": time.perf_counter() - start, "config": asdict(config)}
     log(f"evaluator: held-out accuracy shape {report['held_out']['shape']:.4f}, colour {report['held_out']['colour']:.4f}, "
-        f"both {report['held_out']['both']:.4f} on {report['held_out']['images']} renders")
+        f"both {report['held_out']['both']:.4f} on {report['held_out']['images']} renders"
+        + (f"; view {report['held_out']['view']:.4f} on {report['held_out']['view_images']}" if "view" in report["held_out"] else ""))
     if out is not None:
         save_evaluator(model, out, report)
     return model, report
@@ -260,6 +306,7 @@ def load_evaluator(folder: str | Path | None = None) -> ToyEvaluator:
                                 f"make one with `dreamflow train-evaluator --out {folder}`")
     raw = json.loads(cfg_path.read_text())["config"]
     raw["shapes"], raw["colours"] = tuple(raw["shapes"]), tuple(raw["colours"])
+    raw["views"] = tuple(raw.get("views", ()))  # evaluators from before the oriented objects have none
     model = ToyEvaluator(EvaluatorConfig(**raw))
     model.load_state_dict(load_file(str(w_path)))
     return model.eval()

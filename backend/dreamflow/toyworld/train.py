@@ -1,4 +1,5 @@
-"""Train the toy world's text-to-image latent diffusion model from scratch (``dreamflow toyworld train``).
+"""Train the toy world's text-to-image latent diffusion model (``dreamflow toyworld train``), from
+scratch or on from an earlier model (``init_from``), resumable from its newest checkpoint.
 
 The result is a diffusers ``StableDiffusionPipeline`` folder, laid out and loaded exactly like
 Stable Diffusion 2.x base (priors/latent_diffusion.py loads it through the same from_pretrained):
@@ -14,7 +15,9 @@ Stable Diffusion 2.x base (priors/latent_diffusion.py loads it through the same 
 - ``scheduler``: DDPMScheduler configured like SD 2.x (scaled_linear 0.00085..0.012, 1000 steps),
   epsilon prediction.
 
-Captions: the prompt with the view suffix of the image's camera (what the pipeline conditions
+Data (training_set): colour renders of the 36 objects, of the oriented objects (front-biased, the
+view only sometimes in the caption) and normal maps of every shape (captioned ", normal map"), see
+dataset.py. Captions: the prompt with the view suffix of the image's camera (what the pipeline conditions
 stage-1 renders on), the bare prompt for a quarter of the images (what a 2D sample without a
 camera is conditioned on), and the empty caption for a tenth (classifier-free guidance).
 Everything is seeded: the same command gives the same folder. bf16 autocast on the CPU (measured
@@ -37,9 +40,11 @@ import torch.nn.functional as F
 
 from ..scene.cameras import CameraRanges
 from .dataset import TOY_CAMERAS, ToyImages, render_dataset
-from .world import MARKER_FILE, PROMPTS
+from .world import ALL_PROMPTS, ALL_SHAPES, MARKER_FILE, ORIENTED_SHAPES
 
 IMAGE_SIZE = 64
+#: The training state beside the newest checkpoint's weights (what ``train(..., resume=True)`` reads).
+STATE_FILE = "train_state.pt"
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,8 @@ class TrainConfig:
 
     seed: int = 0
     views_per_object: int = 256
+    oriented_views: int = 96          # per oriented object (world.ORIENTED_SHAPES x 6 colours)
+    normal_views: int = 24            # normal maps per object, of every shape (dataset.render_dataset)
     vae_steps: int = 500
     vae_batch: int = 32
     vae_lr: float = 2e-3
@@ -127,6 +134,42 @@ def save_pipeline(folder: Path, vae, text_encoder, unet, extra: dict | None = No
     return folder
 
 
+def training_set(cfg: TrainConfig, resolution: int = IMAGE_SIZE, ranges: CameraRanges = TOY_CAMERAS,
+                 log: Callable[[str], None] = print) -> ToyImages:
+    """The 36 objects' colour renders, the oriented objects' (front-biased) and every shape's normal maps."""
+    parts = []
+    for what, views, seed, shapes, normal in (("the 36 objects", cfg.views_per_object, cfg.seed, None, False),
+                                                ("the oriented objects", cfg.oriented_views, cfg.seed + 1000,
+                                                 ORIENTED_SHAPES, False),
+                                                ("normal maps", cfg.normal_views, cfg.seed + 2000, ALL_SHAPES, True)):
+        if views == 0:
+            continue
+        t0 = time.time()
+        kwargs = {} if shapes is None else {"shapes": shapes}
+        parts.append(render_dataset(views, resolution, seed, ranges, normal_maps=normal, **kwargs))
+        log(f"rendered {len(parts[-1])} images of {what} at {resolution} px in {time.time() - t0:.0f} s")
+    return ToyImages.concat(parts)
+
+
+def cached_training_set(cfg: TrainConfig, cache: str | Path, ranges: CameraRanges = TOY_CAMERAS,
+                        log: Callable[[str], None] = print) -> ToyImages:
+    """training_set(cfg), read from ``cache`` when it holds the same set, else rendered and written there
+    (rendering is most of a short run's time on a CPU; a resumed run needs the same images again)."""
+    cache = Path(cache)
+    key = {"seed": cfg.seed, "views_per_object": cfg.views_per_object, "oriented_views": cfg.oriented_views,
+           "normal_views": cfg.normal_views, "image_size": IMAGE_SIZE, "ranges": asdict(ranges)}
+    if cache.is_file():
+        stored = torch.load(cache, weights_only=False)  # our own file: a ToyImages and its key
+        if stored["key"] == key:
+            log(f"{len(stored['data'])} training images from {cache}")
+            return stored["data"]
+        log(f"{cache} holds another training set ({stored['key']}); rendering this one")
+    data = training_set(cfg, IMAGE_SIZE, ranges, log)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, "data": data}, cache)
+    return data
+
+
 def _captions(data: ToyImages, idx: torch.Tensor, gen: torch.Generator, cfg: TrainConfig) -> list[str]:
     u = torch.rand(len(idx), generator=gen).tolist()
     out = []
@@ -134,7 +177,7 @@ def _captions(data: ToyImages, idx: torch.Tensor, gen: torch.Generator, cfg: Tra
         if r < cfg.empty_caption:
             out.append("")
         elif r < cfg.empty_caption + cfg.plain_caption:
-            out.append(PROMPTS[int(data.object_ids[i])])
+            out.append(data.plain_captions[i])
         else:
             out.append(data.captions[i])
     return out
@@ -177,42 +220,66 @@ def encode_all(vae, data: torch.Tensor, bf16: bool) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _latest_state(out: Path) -> Path | None:
+    """The newest ``out/checkpoints/step-N/train_state.pt``, or None."""
+    states = [p for p in (out / "checkpoints").glob(f"step-*/{STATE_FILE}") if p.parent.name[5:].isdigit()]
+    return max(states, key=lambda p: int(p.parent.name[5:]), default=None)
+
+
 def train(out: str | Path, cfg: TrainConfig = TrainConfig(), ranges: CameraRanges = TOY_CAMERAS,
-          log: Callable[[str], None] = print, vae_from: str | Path | None = None) -> Path:
-    """Train the whole model from scratch; the finished pipeline folder is ``out/generator``.
+          log: Callable[[str], None] = print, vae_from: str | Path | None = None,
+          init_from: str | Path | None = None, resume: bool = False, data: ToyImages | None = None) -> Path:
+    """Train the model (from scratch, or fine-tune ``init_from``); the finished pipeline folder is ``out/generator``.
 
     Checkpoints (complete, loadable pipeline folders of the EMA weights) go to
-    ``out/checkpoints/step-N`` every ``checkpoint_every`` steps, so a partial run is usable.
+    ``out/checkpoints/step-N`` every ``checkpoint_every`` steps, so a partial run is usable; the newest
+    one also holds the training state (live weights, EMA, optimiser, random generator), from which
+    ``resume`` continues the same run exactly where it stopped.
     ``vae_from``: a pipeline folder of an earlier run whose VAE is reused instead of trained (the
     VAE goes through float16 either way, as it is shipped, so both paths give the same latents).
+    ``init_from``: a pipeline folder of an earlier run (same architecture) whose VAE, latent scale,
+    UNet and text encoder are the starting point. ``data``: the rendered training set
+    (training_set(cfg)), when it was rendered already.
     """
     from ..priors.tiny import clip_tokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    log(f"rendering {36 * cfg.views_per_object} images of the 36 objects at {IMAGE_SIZE} px (seed {cfg.seed})")
-    data = render_dataset(cfg.views_per_object, IMAGE_SIZE, cfg.seed, ranges)
+    state_file = _latest_state(out) if resume else None
+    if resume and state_file is None:
+        raise FileNotFoundError(f"nothing to resume in {out}: no checkpoints/step-N/{STATE_FILE}")
+    if data is None:
+        data = training_set(cfg, IMAGE_SIZE, ranges, log)
     images = data.float_images() * 2.0 - 1.0
+    vae_from = init_from if vae_from is None else vae_from
     if vae_from is not None:
         from diffusers import AutoencoderKL
 
-        log(f"rendered in {time.time() - t_start:.0f} s; reusing the VAE of {vae_from}")
+        log(f"{len(data)} training images; reusing the VAE of {vae_from}")
         vae = AutoencoderKL.from_pretrained(str(vae_from), subfolder="vae", torch_dtype=torch.float32).eval()
     else:
-        log(f"rendered in {time.time() - t_start:.0f} s; training the VAE ({cfg.vae_steps} steps)")
+        log(f"{len(data)} training images; training the VAE ({cfg.vae_steps} steps)")
         vae = train_vae(images, cfg, log)
     vae = vae.half().float()  # the shipped (float16) weights are the ones the latents come from
     latents = encode_all(vae, images, cfg.bf16)
-    scale = float(1.0 / latents.std())
+    # A fine-tuned model keeps its latent scale: the UNet learnt latents of that spread.
+    scale = float(vae.config.scaling_factor) if init_from is not None else float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
     latents = latents * scale
     log(f"latents {tuple(latents.shape[1:])}, scaling factor {scale:.4f}; training the UNet and text encoder "
         f"({cfg.steps} steps, batch {cfg.batch})")
 
     torch.manual_seed(cfg.seed + 2)
-    text_encoder = _text_encoder()
-    unet = _unet()
+    if init_from is not None:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        text_encoder = CLIPTextModel.from_pretrained(str(init_from), subfolder="text_encoder", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(str(init_from), subfolder="unet", torch_dtype=torch.float32)
+    else:
+        text_encoder = _text_encoder()
+        unet = _unet()
     # Plain batched-matmul attention while training: with these small heads (dim 8-16) on a CPU,
     # SDPA's flash kernel spent 70 % of a step in its backward; unfused, a step is ~25 % faster.
     # Only the training processors change: the saved folder loads with diffusers' defaults.
@@ -228,8 +295,20 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), ranges: CameraRange
     snr = abar / (1.0 - abar)
     weight = (snr.clamp(max=cfg.min_snr_gamma) / snr) if cfg.min_snr_gamma > 0 else torch.ones_like(snr)
     gen = torch.Generator().manual_seed(cfg.seed + 3)
-    meta = {"config": asdict(cfg), "prompts": list(PROMPTS), "image_size": IMAGE_SIZE,
-            "camera_ranges": asdict(ranges)}
+    meta = {"config": asdict(cfg), "prompts": list(ALL_PROMPTS), "image_size": IMAGE_SIZE,
+            "camera_ranges": asdict(ranges), "init_from": None if init_from is None else str(init_from),
+            "images": len(data)}
+    first, running = 0, None
+    if state_file is not None:
+        state = torch.load(state_file, weights_only=True)
+        with torch.no_grad():
+            for p, v, e, ve in zip(params, state["params"], ema, state["ema"]):
+                p.copy_(v)
+                e.copy_(ve)
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        first, running = int(state["step"]), float(state["running"])
+        log(f"resuming from {state_file.parent} (step {first})")
 
     def save(folder: Path, step: int, loss: float) -> None:
         live = [p.detach().clone() for p in params]
@@ -242,9 +321,15 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), ranges: CameraRange
             for p, v in zip(params, live):
                 p.copy_(v)
 
+    def save_state(folder: Path, step: int) -> None:
+        # Only the newest checkpoint keeps the (large: weights, EMA, two Adam moments) training state.
+        for old in (out / "checkpoints").glob(f"step-*/{STATE_FILE}"):
+            old.unlink()
+        torch.save({"step": step, "running": running, "params": [p.detach() for p in params], "ema": ema,
+                    "optimizer": opt.state_dict(), "generator": gen.get_state()}, folder / STATE_FILE)
+
     t0 = time.time()
-    running = None
-    for step in range(cfg.steps):
+    for step in range(first, cfg.steps):
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _lr_factor(step, cfg.steps, cfg.warmup)
         idx = torch.randint(0, latents.shape[0], (cfg.batch,), generator=gen)
@@ -272,11 +357,14 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), ranges: CameraRange
         running = mse if running is None else 0.98 * running + 0.02 * mse
         if step % 25 == 0 or step == cfg.steps - 1:
             el = time.time() - t0
-            log(f"step {step + 1}/{cfg.steps}  loss {running:.4f}  {el / (step + 1):.2f} s/step  "
-                f"eta {el / (step + 1) * (cfg.steps - step - 1) / 60:.1f} min")
+            done = step + 1 - first
+            log(f"step {step + 1}/{cfg.steps}  loss {running:.4f}  {el / done:.2f} s/step  "
+                f"eta {el / done * (cfg.steps - step - 1) / 60:.1f} min")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save(out / "checkpoints" / f"step-{step + 1}", step + 1, running)
-            log(f"checkpoint {out / 'checkpoints' / f'step-{step + 1}'}")
+            folder = out / "checkpoints" / f"step-{step + 1}"
+            save(folder, step + 1, running)
+            save_state(folder, step + 1)
+            log(f"checkpoint {folder}")
     final = out / "generator"
     save(final, cfg.steps, running)
     log(f"done in {(time.time() - t_start) / 60:.1f} min; final loss (eps MSE, running mean) {running:.4f} -> {final}")

@@ -10,6 +10,8 @@ The world's prompts are exactly ``"a red cube"``, ``"an orange torus"``: the art
 colour word. What people type ("an orange pyramid", "red balls") is read into those by
 ``dreamflow_protocol.prompts`` with this world's :data:`VOCABULARY`, the one table of its words
 (the server publishes it, so the Blender add-on reads prompts the same way).
+The oriented shapes (ORIENTED_SHAPES: a mug, an arrow, a house) have a front, facing -Y; their
+prompts (ORIENTED_PROMPTS) sit beside the 36 in ALL_PROMPTS, and parse_prompt knows both.
 This module's API (SHAPES, COLOURS, PROMPTS, prompt_for, parse_prompt, caption, ToyMesh,
 object_mesh, COLOUR_RGB) is stable: the evaluator and the ground-truth measures build on it.
 """
@@ -17,7 +19,6 @@ object_mesh, COLOUR_RGB) is stable: the evaluator and the ground-truth measures 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -29,6 +30,11 @@ from ..config import ConfigError
 from ..scene.cameras import view_suffix
 
 SHAPES: tuple[str, ...] = ("cube", "sphere", "cylinder", "cone", "torus", "square pyramid")
+#: Shapes whose front differs from their back and sides (against the Janus problem). Their front
+#: faces -Y, the world's front (a camera at azimuth 0 sees it): the mug's handle is on its right
+#: (+X), the arrow points right (+X), the house's door is on its front wall.
+ORIENTED_SHAPES: tuple[str, ...] = ("mug", "arrow", "house")
+ALL_SHAPES: tuple[str, ...] = SHAPES + ORIENTED_SHAPES
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "orange", "purple")
 
 #: Words people type for the world's shapes and colours (plurals of every shape form are read too).
@@ -37,7 +43,7 @@ SYNONYMS: dict[str, str] = {
     "box": "cube", "block": "cube", "ring": "torus", "donut": "torus", "doughnut": "torus", "tori": "torus",
     "violet": "purple",
 }
-VOCABULARY = Vocabulary(SHAPES, COLOURS, SYNONYMS)
+VOCABULARY = Vocabulary(ALL_SHAPES, COLOURS, SYNONYMS)
 
 #: Diffuse albedo of each colour word (linear RGB in [0, 1]); saturated and far apart in hue.
 COLOUR_RGB: dict[str, tuple[float, float, float]] = {
@@ -56,18 +62,21 @@ HALF_EXTENT = 0.4
 
 def prompt_for(shape: str, colour: str) -> str:
     """The world's prompt for one object: "a red cube", "an orange torus"."""
-    if shape not in SHAPES or colour not in COLOURS:
-        raise ConfigError(f"no toy object {colour!r} {shape!r}; shapes: {', '.join(SHAPES)}; colours: {', '.join(COLOURS)}")
+    if shape not in ALL_SHAPES or colour not in COLOURS:
+        raise ConfigError(f"no toy object {colour!r} {shape!r}; shapes: {', '.join(ALL_SHAPES)}; colours: {', '.join(COLOURS)}")
     return VOCABULARY.prompt_for(shape, colour)
 
 
 #: The 36 prompts, colour-major within each shape: PROMPTS[s * 6 + c] is shape s, colour c.
 PROMPTS: tuple[str, ...] = tuple(prompt_for(s, c) for s in SHAPES for c in COLOURS)
+#: The oriented objects' prompts, in the same layout; ALL_PROMPTS[k] is ALL_SHAPES[k // 6], colour k % 6.
+ORIENTED_PROMPTS: tuple[str, ...] = tuple(prompt_for(s, c) for s in ORIENTED_SHAPES for c in COLOURS)
+ALL_PROMPTS: tuple[str, ...] = PROMPTS + ORIENTED_PROMPTS
 
 
 def object_index(shape: str, colour: str) -> int:
-    """Position of an object in :data:`PROMPTS`."""
-    return SHAPES.index(shape) * len(COLOURS) + COLOURS.index(colour)
+    """Position of an object in :data:`ALL_PROMPTS` (for the symmetric shapes, also in :data:`PROMPTS`)."""
+    return ALL_SHAPES.index(shape) * len(COLOURS) + COLOURS.index(colour)
 
 
 def read_prompt(prompt: str) -> ToyPrompt:
@@ -137,6 +146,37 @@ class _Builder:
                 a, b, c, d = idx[i, j], idx[i2, j], idx[i2, j + 1], idx[i, j + 1]
                 faces += [(a, c, b), (a, d, c)]  # u east, v down: counter-clockwise from outside
         self.add(points.reshape(-1, 3), normals.reshape(-1, 3), torch.tensor(faces))
+
+    def merge(self, mesh: ToyMesh, offset: tuple[float, float, float]) -> None:
+        """Another mesh's triangles, moved by ``offset``."""
+        self.add(mesh.vertices + torch.tensor(offset), mesh.normals, mesh.faces)
+
+    def extrude(self, outline: list[tuple[float, float]], pieces: list[list[tuple[float, float]]],
+                u: tuple[float, float, float], v: tuple[float, float, float], w0: float, w1: float) -> None:
+        """A flat-sided prism: a polygon (counter-clockwise in the (u, v) plane) swept along u x v
+        from w0 to w1; its caps are the convex ``pieces`` the polygon splits into (fans)."""
+        U, V = torch.tensor(u), torch.tensor(v)
+        W = torch.linalg.cross(U, V, dim=0)
+
+        def point(p: tuple[float, float], w: float) -> torch.Tensor:
+            return p[0] * U + p[1] * V + w * W
+
+        tris = []
+        for piece in pieces:
+            for i in range(1, len(piece) - 1):
+                a, b, c = piece[0], piece[i], piece[i + 1]
+                tris += [torch.stack([point(a, w1), point(b, w1), point(c, w1)]),
+                         torch.stack([point(a, w0), point(c, w0), point(b, w0)])]
+        for p, q in zip(outline, outline[1:] + outline[:1]):
+            tris += [torch.stack([point(p, w0), point(q, w0), point(q, w1)]),
+                     torch.stack([point(p, w0), point(q, w1), point(p, w1)])]
+        self.flat_triangles(torch.stack(tris))
+
+    def box(self, lo: tuple[float, float, float], hi: tuple[float, float, float]) -> None:
+        """An axis-aligned box with flat faces."""
+        rect = [(lo[0], lo[2]), (hi[0], lo[2]), (hi[0], hi[2]), (lo[0], hi[2])]
+        # u = X, v = Z sweeps along -Y: from w = -hi[1] to w = -lo[1].
+        self.extrude(rect, [rect], (1.0, 0.0, 0.0), (0.0, 0.0, 1.0), -hi[1], -lo[1])
 
     def build(self) -> ToyMesh:
         return ToyMesh(torch.cat(self.v), torch.cat(self.f), torch.cat(self.n))
@@ -235,12 +275,53 @@ def _square_pyramid(h: float) -> ToyMesh:
     return b.build()
 
 
+def _fit(mesh: ToyMesh) -> ToyMesh:
+    """The mesh moved so that its bounding box is centred on the origin and scaled to half-extent 0.4."""
+    lo, hi = mesh.vertices.amin(0), mesh.vertices.amax(0)
+    scale = HALF_EXTENT / float((hi - lo).max() / 2)
+    return ToyMesh((mesh.vertices - (lo + hi) / 2) * scale, mesh.faces, mesh.normals)
+
+
+def _mug() -> ToyMesh:
+    b = _Builder()
+    b.merge(_cylinder(0.25, 0.4), (-0.08, 0.0, 0.0))
+    # A squared-off handle on +X, its inner end buried in the body's wall.
+    handle = [(0.12, -0.22), (0.33, -0.22), (0.33, 0.22), (0.12, 0.22), (0.12, 0.12), (0.25, 0.12), (0.25, -0.12),
+              (0.12, -0.12)]
+    pieces = [[(0.12, -0.22), (0.33, -0.22), (0.33, -0.12), (0.12, -0.12)],
+              [(0.25, -0.12), (0.33, -0.12), (0.33, 0.12), (0.25, 0.12)],
+              [(0.12, 0.12), (0.33, 0.12), (0.33, 0.22), (0.12, 0.22)]]
+    b.extrude(handle, pieces, (1.0, 0.0, 0.0), (0.0, 0.0, 1.0), -0.05, 0.05)
+    return _fit(b.build())
+
+
+def _arrow() -> ToyMesh:
+    b = _Builder()
+    # An upright sign seen from the front (u = X right, v = Z up), pointing right, 0.16 thick.
+    shaft = [(-0.4, -0.12), (0.05, -0.12), (0.05, 0.12), (-0.4, 0.12)]
+    head = [(0.05, -0.3), (0.4, 0.0), (0.05, 0.3)]
+    outline = [(-0.4, -0.12), (0.05, -0.12), (0.05, -0.3), (0.4, 0.0), (0.05, 0.3), (0.05, 0.12), (-0.4, 0.12)]
+    b.extrude(outline, [shaft, head], (1.0, 0.0, 0.0), (0.0, 0.0, 1.0), -0.08, 0.08)
+    return _fit(b.build())
+
+
+def _house() -> ToyMesh:
+    b = _Builder()
+    # Walls and a gable roof in one prism: the gable ends face the sides (+-X), the ridge runs along X.
+    gable = [(-0.28, -0.4), (0.28, -0.4), (0.28, 0.1), (0.0, 0.4), (-0.28, 0.1)]
+    b.extrude(gable, [gable], (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), -0.36, 0.36)
+    b.box((-0.2, -0.35, -0.4), (-0.04, -0.28, -0.06))      # the door, left of centre on the front wall
+    b.box((0.14, 0.04, 0.0), (0.26, 0.16, 0.38))           # a chimney on the back slope, right
+    return _fit(b.build())
+
+
 @lru_cache(maxsize=None)
 def object_mesh(shape: str) -> ToyMesh:
     """The mesh of a shape, upright on +Z, bounding box centred on the origin, half-extent 0.4.
 
     The torus: major radius 0.28, tube radius 0.12, axis Z (hole up). The cylinder and the cone:
-    radius 0.35 and 0.4, height 0.8. Treat the returned tensors as read-only (they are cached).
+    radius 0.35 and 0.4, height 0.8. The oriented shapes (ORIENTED_SHAPES) face -Y. Treat the
+    returned tensors as read-only (they are cached).
     """
     h = HALF_EXTENT
     builders = {
@@ -250,9 +331,12 @@ def object_mesh(shape: str) -> ToyMesh:
         "cone": lambda: _cone(h, h),
         "torus": lambda: _torus(0.28, 0.12),
         "square pyramid": lambda: _square_pyramid(h),
+        "mug": _mug,
+        "arrow": _arrow,
+        "house": _house,
     }
     if shape not in builders:
-        raise ConfigError(f"unknown toy shape {shape!r}; shapes: {', '.join(SHAPES)}")
+        raise ConfigError(f"unknown toy shape {shape!r}; shapes: {', '.join(ALL_SHAPES)}")
     return builders[shape]()
 
 
@@ -275,5 +359,31 @@ def prompt_for_model(model: str, prompt: str) -> str:
     loaded or computed (CLI, demo and server submit alike).
     """
     if prompt.strip() and is_toyworld_model(model):
-        return read_prompt(prompt).prompt
+        read = read_prompt(prompt)
+        _check_trained_on(model, read.prompt)
+        return read.prompt
     return prompt
+
+
+def _trained_prompts(model: str) -> list[str] | None:
+    """The prompts a toy-world model's marker says it learnt (None: an old marker that does not say)."""
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(model) / MARKER_FILE).read_text()).get("prompts")
+
+
+def _check_trained_on(model: str, prompt: str) -> None:
+    """A ConfigError when the model's marker lists the prompts it learnt and this one is not among them
+    (a model trained before the oriented objects knows only the 36)."""
+    known = _trained_prompts(model)
+    if known is not None and prompt not in known:
+        raise ConfigError(f"the toy model {model} was not trained on {prompt!r}: it knows {len(known)} prompts "
+                          f"(retrain it with `dreamflow toyworld train`, or pick one of its prompts)")
+
+
+def model_vocabulary(model: str) -> Vocabulary:
+    """The world's words, less the shapes a toy-world model never learnt (what the server publishes for it)."""
+    known = set(_trained_prompts(model) or ALL_PROMPTS)
+    shapes = tuple(s for s in ALL_SHAPES if any(prompt_for(s, c) in known for c in COLOURS))
+    return Vocabulary(shapes, COLOURS, {k: v for k, v in SYNONYMS.items() if v in shapes or v in COLOURS})
