@@ -174,14 +174,16 @@ def test_oriented_training_views_are_front_biased_and_mostly_uncaptioned_for_the
     assert abs(named / len(data) - ORIENTED_VIEW_CAPTIONED) < 0.15
 
 
-def test_a_toy_model_refuses_an_object_it_was_not_trained_on(tmp_path):
+def test_a_toy_model_refuses_an_object_it_was_not_trained_on_and_publishes_only_what_it_learnt(tmp_path):
     import json
 
-    from dreamflow.toyworld.world import MARKER_FILE, check_prompt_for_model
+    from dreamflow.toyworld.world import MARKER_FILE, model_vocabulary, prompt_for_model
 
     (tmp_path / MARKER_FILE).write_text(json.dumps({"prompts": list(PROMPTS)}))
-    check_prompt_for_model(str(tmp_path), "a red cube, front view")
+    assert prompt_for_model(str(tmp_path), "a red cube, front view") == "a red cube"
     with pytest.raises(ConfigError, match="not trained on 'a red mug'"):
-        check_prompt_for_model(str(tmp_path), "a red mug")
+        prompt_for_model(str(tmp_path), "red mugs")
+    assert model_vocabulary(str(tmp_path)).shapes == SHAPES
     (tmp_path / MARKER_FILE).write_text(json.dumps({"prompts": list(ALL_PROMPTS)}))
-    check_prompt_for_model(str(tmp_path), "a red mug")
+    assert prompt_for_model(str(tmp_path), "red mugs") == "a red mug"
+    assert set(model_vocabulary(str(tmp_path)).shapes) == set(SHAPES + ORIENTED_SHAPES)
