@@ -143,3 +143,24 @@ def test_an_empty_batch_leaves_the_tinycudann_gradient_alone():
     grid(x).square().sum().backward()
     assert torch.isfinite(with_empty).all()
     torch.testing.assert_close(with_empty, grid.params.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_closed_form_jacobian_is_autograds_and_keeps_the_encoding(backend):
+    # Both levels kinds (dense and hashed) and random, large table entries so every level matters.
+    grid = make_hash_grid(HashGridConfig(**CONFIG), device=DEVICE, backend=backend, seed=3)
+    with torch.no_grad():
+        grid.params.uniform_(-1.0, 1.0)
+    x = torch.rand(64, 3, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    feats, jac = grid.forward_with_jacobian(x)
+    assert torch.allclose(feats, grid(x), atol=1e-4)
+    # The oracle: autograd through the PyTorch twin holding the same table.
+    twin = TorchHashGrid(**CONFIG).to(DEVICE)
+    with torch.no_grad():
+        twin.params.copy_(grid.params.float())
+    expected = torch.autograd.functional.jacobian(lambda p: twin(p).sum(0), x).permute(1, 0, 2)
+    assert jac.shape == (64, grid.output_dim, 3)
+    assert torch.allclose(jac, expected, atol=1e-4, rtol=1e-4)
+    # It stays differentiable in the table (the orientation loss trains through it).
+    jac.square().sum().backward()
+    assert grid.params.grad is not None and grid.params.grad.abs().sum() > 0

@@ -71,6 +71,9 @@ class NerfStageConfig:
     lr_background: float = setting(1e-3, 0.0, 1.0)
     density_bias_scale: float = setting(10.0, 0.0, 1000.0)
     density_bias_radius: float = setting(0.5, 0.0, 10.0)
+    # Ref-NeRF's orientation loss ("helps consolidating the geometry"). Its normals come from the
+    # density's closed-form gradient (scene/nerf.py), on either hash-grid backend: a general choice,
+    # so this paper default uses them too.
     orientation_weight: float = setting(1e-2, 0.0, 1000.0)
     occupancy_resolution: int = setting(64, 8, 512, cost="resolution")
     occupancy_every: int = setting(16, 1, 100_000)         # refresh the empty-space grid every N steps
@@ -185,8 +188,9 @@ def _preview() -> JobConfig:
         prior=PriorConfig(kind="reference"),
         # Stage 1 on a CPU: every level of a 6-level grid up to 64^3 fits its table (dense indexing,
         # no hashing), 48 samples per ray, 3x the paper's grid and 10x its MLP learning rates for the
-        # short run, a lower iso-level for the softer short-run field, and no orientation loss (its
-        # finite-difference normals would triple the density evaluations). 600 steps: the field's
+        # short run, a lower iso-level for the softer short-run field, and no orientation loss (even
+        # with closed-form normals it about doubles a render here, bench/orientation_cost.py; its
+        # effect on quality in this preset and the toy one is not measured yet). 600 steps: the field's
         # surface sharpens with steps, and the final asset's quality follows it. The measurements
         # behind each choice: bench/NOTES.md, "How the preview preset was tuned".
         stage1=replace(NerfStageConfig(), steps=600, resolution=64, samples_per_ray=48,

@@ -139,7 +139,7 @@ def render_rays(field, origins: torch.Tensor, dirs: torch.Tensor, samples: int,
     colour = colour + (1.0 - opacity)[:, None] * background
     orient = torch.zeros((), device=dev)
     if orientation and flat.numel() > 0:
-        # Normals cost three more density evaluations per point: only where the weight is visible.
+        # Normals cost one more encoding (with its Jacobian) per point: only where the weight is visible.
         w_sel = weights.reshape(-1)[flat]
         near_surface = (w_sel.detach() > orientation_min_weight).nonzero(as_tuple=True)[0]
         if near_surface.numel() > 0:

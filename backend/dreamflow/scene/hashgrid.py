@@ -84,8 +84,10 @@ class TorchHashGrid(nn.Module):
         """Number of output features."""
         return self.levels * self.features_per_level
 
-    def _group(self, x: torch.Tensor, levels: range, hashed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Table rows (N, len(levels), 8) and trilinear weights (same shape) for a group of levels.
+    def _group(self, x: torch.Tensor, levels: range, hashed: bool,
+               with_gradient: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Table rows (N, len(levels), 8) and trilinear weights (same shape) for a group of levels;
+        with ``with_gradient`` the weights come with their derivatives along x, y, z, (N, len(levels), 8, 4).
 
         Per-dimension terms are combined by broadcasting (2 x 2 x 2 corners), which is far
         cheaper on a CPU than building the eight corner coordinates explicitly.
@@ -97,6 +99,16 @@ class TorchHashGrid(nn.Module):
         base = base.long()
         w1 = torch.stack([1.0 - frac, frac], dim=-1)                            # (N, G, 3, 2)
         c = torch.stack([base, base + 1], dim=-1)                               # (N, G, 3, 2)
+        if with_gradient:
+            # Per axis four channels (the weight, then its derivative along x, y, z): a linear
+            # weight's derivative along its own axis is -1 / +1 times the level's scale (grid units
+            # per unit of x), along the other axes the weight itself. Their products are the
+            # weights and their gradient, in the same two multiplications as the weights alone.
+            slope = (torch.tensor([-1.0, 1.0], device=x.device)[None, None, :]
+                     * self.level_scale[part][None, :, None]).expand(x.shape[0], -1, -1)
+            channels = [torch.stack([w1[:, :, d]] + [slope if k == d else w1[:, :, d] for k in range(3)], dim=-1)
+                        for d in range(3)]                                    # 3 x (N, G, 2, 4)
+            w1 = torch.stack(channels, dim=2)                                 # (N, G, 3, 2, 4)
         w = w1[:, :, 0, :, None, None] * w1[:, :, 1, None, :, None] * w1[:, :, 2, None, None, :]
         # Per-dimension terms (N, G, 2) are formed in int64; the eight-corner arrays, the large
         # ones, in int32 (every table row index is below 2^31), which halves their memory traffic.
@@ -119,27 +131,54 @@ class TorchHashGrid(nn.Module):
             # Corners one past the far face overflow the dense table by less than its size.
             end = (offsets + sizes).int()[..., None, None]
             idx = torch.where(idx >= end, idx - sizes.int()[..., None, None], idx)
+        return idx.reshape(x.shape[0], len(levels), 8), w1
+
+    def _corners(self, x: torch.Tensor, params: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The corner features (N, L, 8, F) of every level (from ``params``, default this grid's) and
+        the per-axis linear weights (N, L, 3, 2)."""
         n = x.shape[0]
-        return idx.reshape(n, len(levels), 8), w.reshape(n, len(levels), 8)
+        table = (self.params if params is None else params).view(-1, self.features_per_level)
+        parts = [self._group(x, group, hashed)
+                 for group, hashed in ((range(0, self.dense_levels), False), (range(self.dense_levels, self.levels), True))
+                 if len(group)]
+        idx, w1 = (torch.cat(t, dim=1) if len(t) > 1 else t[0] for t in zip(*parts))
+        # One gather for all levels, with an int64 index: its backward then takes the parallel
+        # scatter-add path on CPU (an int32 index made it 5x slower).
+        vals = table.index_select(0, idx.reshape(-1).long()).view(n, self.levels, 8, self.features_per_level)
+        return vals, w1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Encode points ``x`` (N, 3) in [0, 1]^3."""
         x = x.float()
+        vals, w1 = self._corners(x)
+        w = (w1[:, :, 0, :, None, None] * w1[:, :, 1, None, :, None] * w1[:, :, 2, None, None, :]).flatten(2)
+        return torch.einsum("nlkf,nlk->nlf", vals, w).reshape(x.shape[0], self.output_dim)
+
+    def forward_with_jacobian(self, x: torch.Tensor, params: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (N, D) of points ``x`` (N, 3) in [0, 1]^3 and their closed-form Jacobian (N, D, 3).
+
+        Inside a cell trilinear interpolation is linear along each axis, so its derivative along x
+        is the level's scale times the bilinear (y, z) blend of the corner differences across x
+        (likewise y, z): exact (what autograd gives; undefined only on cell faces), from the same
+        gather as the values, not three more encodings as finite differences would take. It stays
+        differentiable in the table (``params``: another table of this layout, e.g. tinycudann's;
+        default this grid's).
+        """
+        x = x.float()
         n = x.shape[0]
-        table = self.params.view(-1, self.features_per_level)
-        parts_idx, parts_w = [], []
-        for group, hashed in ((range(0, self.dense_levels), False), (range(self.dense_levels, self.levels), True)):
-            if len(group):
-                idx, w = self._group(x, group, hashed)
-                parts_idx.append(idx)
-                parts_w.append(w)
-        idx = torch.cat(parts_idx, dim=1)                                       # (N, L, 8)
-        w = torch.cat(parts_w, dim=1)
-        # One gather for all levels, with an int64 index: its backward then takes the parallel
-        # scatter-add path on CPU (an int32 index made it 5x slower).
-        vals = table.index_select(0, idx.reshape(-1).long()).view(n, self.levels, 8, self.features_per_level)
-        out = torch.einsum("nlkf,nlk->nlf", vals, w)
-        return out.reshape(n, self.levels * self.features_per_level)
+        vals, w1 = self._corners(x, params)
+        v = vals.view(n, self.levels, 2, 2, 2, self.features_per_level)         # corners x, y, z
+        wx = w1[:, :, 0, :, None]                                               # (N, L, 2, 1)
+        wy = w1[:, :, 1, None, :, None]                                         # (N, L, 1, 2, 1)
+        wz = w1[:, :, 2, None, None, :, None]                                   # (N, L, 1, 1, 2, 1)
+        along_z = (v * wz).sum(4)                                               # (N, L, 2, 2, F)
+        along_yz = (along_z * wy).sum(3)                                        # (N, L, 2, F)
+        out = (along_yz * wx).sum(2)                                            # (N, L, F)
+        scale = self.level_scale[None, :, None]
+        d_x = (along_yz[:, :, 1] - along_yz[:, :, 0]) * scale
+        d_y = ((along_z[:, :, :, 1] - along_z[:, :, :, 0]) * wx).sum(2) * scale
+        d_z = (((v[:, :, :, :, 1] - v[:, :, :, :, 0]) * wy).sum(3) * wx).sum(2) * scale
+        return out.reshape(n, self.output_dim), torch.stack([d_x, d_y, d_z], dim=-1).reshape(n, self.output_dim, 3)
 
 
 class TcnnHashGrid(nn.Module):
@@ -156,6 +195,11 @@ class TcnnHashGrid(nn.Module):
             "log2_hashmap_size": log2_table_size, "base_resolution": base_resolution,
             "per_level_scale": self.scale_factor, "interpolation": "Linear",
         }, seed=seed, dtype=torch.float32)
+        # The twin's indexing and weights over this encoding's own table give the closed-form
+        # Jacobian that tinycudann lacks (same layout, same numbers); the twin keeps no table.
+        self.twin = TorchHashGrid(levels, log2_table_size, features_per_level, base_resolution, max_resolution,
+                                  init_scale=0.0)
+        self.twin.params = None
 
     @property
     def params(self) -> nn.Parameter:
@@ -175,6 +219,10 @@ class TcnnHashGrid(nn.Module):
             # (a ray chunk that misses every occupied cell does this). No points, no graph.
             return self.params.new_zeros(0, self.output_dim)
         return self.encoding(x.float().contiguous()).float()
+
+    def forward_with_jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (N, D) and their closed-form Jacobian (N, D, 3), by the twin on this table."""
+        return self.twin.forward_with_jacobian(x, params=self.params.float())
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@ Density is ``softplus(raw + bias(x))`` with the paper's initial blob
 ``bias(x) = density_bias_scale * (1 - ||x|| / density_bias_radius)``, so optimisation starts from a
 soft ball in the middle of the box [-0.5, 0.5]^3 instead of empty space. A background MLP on the
 ray direction paints what the rays see behind the object. Normals for the orientation loss
-(Ref-NeRF) are minus the normalised density gradient, taken by forward finite differences: the
-same on the tinycudann grid (whose double backward is unsupported) and on the PyTorch twin.
+(Ref-NeRF) are minus the normalised density gradient in closed form: the hash grid's trilinear
+Jacobian carried forward through the MLP, one extra encoding of the surface samples where forward
+differences took three (tinycudann's double backward is unsupported, so autograd could not). The
+forward-difference normals remain as the reference they are tested against.
 """
 
 from __future__ import annotations
@@ -94,8 +96,44 @@ class NerfField(nn.Module):
         """Albedo (N, 3) in [0, 1] at points (N, 3)."""
         return torch.sigmoid(self._raw(x)[:, 1:4])
 
+    def forward_with_gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Density (N,), albedo (N, 3) and the density's exact spatial gradient (N, 3) at points (N, 3),
+        all differentiable in the parameters: one encoding serves the values and the gradient."""
+        u = x / (2.0 * BOX_HALF) + 0.5
+        inside = ((u > 0.0) & (u < 1.0)).to(x.dtype)            # the clamp's derivative
+        h, jac = self.grid.forward_with_jacobian(u.clamp(0.0, 1.0))
+        # Rows d/dx, d/dy, d/dz (N, 3, D): each Linear is then one matrix product.
+        jac = jac.transpose(1, 2) * (inside / (2.0 * BOX_HALF))[:, :, None]
+        # Forward mode through the MLP: each Linear maps the Jacobian, each ReLU masks it; of the
+        # last layer only the density row is needed.
+        layers = list(self.mlp)
+        for layer in layers[:-1]:
+            if isinstance(layer, nn.Linear):
+                h, jac = layer(h), jac @ layer.weight.T
+            else:
+                h = layer(h)
+                jac = jac * (h > 0).to(jac.dtype)[:, None, :]
+        last = layers[-1]
+        raw = last(h)
+        pre = raw[:, 0] + self.density_bias(x)
+        s = self.settings
+        bias_grad = -(s.density_bias_scale / s.density_bias_radius) * F.normalize(x, dim=-1, eps=1e-8)
+        grad_pre = jac @ last.weight[0] + bias_grad
+        return F.softplus(pre), torch.sigmoid(raw[:, 1:4]), torch.sigmoid(pre)[:, None] * grad_pre
+
+    def density_gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Density (N,) and its exact spatial gradient (N, 3) at points (N, 3), differentiable in the parameters."""
+        sigma, _, grad = self.forward_with_gradient(x)
+        return sigma, grad
+
     def normals(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """Outward unit normals ``-grad sigma / |grad sigma|`` by forward differences, (N, 3)."""
+        """Outward unit normals ``-grad sigma / |grad sigma|`` from the exact gradient, (N, 3);
+        ``sigma`` (the density at ``x``) is what the finite-difference variant needs."""
+        return -F.normalize(self.density_gradient(x)[1], dim=-1, eps=1e-8)
+
+    def normals_finite_difference(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Outward unit normals by forward differences of step ``normal_eps`` around ``sigma`` (three
+        more density evaluations), (N, 3): the reference the exact normals are tested against."""
         eps = self.settings.normal_eps
         offsets = torch.eye(3, device=x.device, dtype=x.dtype) * eps
         shifted = (x[:, None, :] + offsets[None]).reshape(-1, 3)
