@@ -63,17 +63,16 @@ def test_cancel_stops_a_running_job_within_one_step(make_server, make_client):
     client = make_client(srv.endpoint)
     job = client.submit("long", preset="smoke")
     collect(client, job, stop=lambda m: m.type == "progress")
-    start = time.monotonic()
     summary = client.cancel(job, reason="user pressed cancel")
-    assert summary["state"] == "cancelling"
+    # The worker may finish cancelling before the reply is built (a loaded machine): both are right.
+    assert summary["state"] in ("cancelling", "cancelled")
     events = collect(client, job)
-    elapsed = time.monotonic() - start
     assert events[-1].type == "cancelled" and events[-1].fields["reason"] == "user pressed cancel"
-    # At most the step that was computing when the cancel arrived finishes (load-independent) ...
+    # At most the step that was computing when the cancel arrived finishes: counted in steps, not
+    # seconds, so that no machine's load can fail it.
     final = client.status(job)
     assert final["state"] == "cancelled" and final["step"] <= summary["step"] + 1, (summary["step"], final["step"])
-    # ... and in wall time that is about one 0.1 s step (generous bound for a loaded 2-core machine).
-    assert elapsed < 3.0, f"cancel took {elapsed:.2f} s for 0.1 s steps"
+    assert final["step"] < runner.steps
     with pytest.raises(RequestError, match="no results to fetch: it is cancelled"):
         client.fetch(job)
 

@@ -59,7 +59,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, ObjectLostError, RayActorError
 
 from dreamflow_protocol import Message, new_id, validate_message
 
@@ -70,6 +70,9 @@ from ..safe_files import atomic_write, is_link_free, make_dirs
 from .store import TERMINAL_STATES, JobRecord, JobStore, StoreError
 from .worker import JobSink, Worker, _free_gpu_memory, _plain
 
+# A dead node shows as the actor's death, or, when the node held a call's reply, as that reply lost
+# (ObjectReconstructionFailedError and kin): either way the worker is gone and the job is retried.
+_WORKER_GONE = (RayActorError, ObjectLostError)
 log = logging.getLogger("dreamflow.server")
 
 #: Ray namespace of the job actors (named ``dreamflow-<job>-<attempt>``), so a restarted server finds them.
@@ -629,7 +632,7 @@ class RayJobs(JobQueue):
             if cursor < 0:
                 actor = None  # a worker of that name runs another job now: it is not this job's to stop
                 raise ValueError("the worker runs another job")
-        except (ValueError, RayActorError, GetTimeoutError, StoreError) as exc:
+        except (ValueError, *_WORKER_GONE, GetTimeoutError, StoreError) as exc:
             log.info("job %s: its actor %s is gone (%s); resuming from the checkpoint", job.job_id, name, type(exc).__name__)
             if actor is not None:
                 _kill(actor)  # found but not answering: make sure it cannot run beside the new attempt
@@ -655,7 +658,7 @@ class RayJobs(JobQueue):
                 return ray.get(ref, timeout=1.0)
             except GetTimeoutError:
                 continue
-            except RayActorError as exc:
+            except _WORKER_GONE as exc:
                 raise _Lost(_short(exc), actor) from None
 
     def _relay(self, job: JobRecord, sink: JobSink, actor: Any, cursor: int) -> None:
@@ -679,7 +682,7 @@ class RayJobs(JobQueue):
                 time.sleep(0.5)
                 ref = actor.pull.remote(cursor, _PULL_WAIT, stored)
                 continue
-            except RayActorError as exc:
+            except _WORKER_GONE as exc:
                 raise _Lost(_short(exc), actor) from None
             cursor = batch["next"]
             if batch["end"] is None:
