@@ -92,9 +92,10 @@ DRY_RUN_STEPS = 2
 #: A dry run times the switches on this stage only: they act through the same code in every stage.
 DRY_RUN_SWITCH_STAGES = ("2b",)
 #: The short toy training: TrainConfig fields (`dreamflow toyworld train`'s settings), 16 of its 256
-#: views per object (576 images to render) and a few steps of each model.
-TOY_TRAIN = {"steps": 40, "vae_steps": 20, "views_per_object": 16}
-DRY_RUN_TOY_TRAIN = {"steps": 1, "vae_steps": 1, "views_per_object": 1, "batch": 4, "vae_batch": 4}
+#: views per object of the 36, a few of the oriented objects and normal maps, and a few steps of each model.
+TOY_TRAIN = {"steps": 40, "vae_steps": 20, "views_per_object": 16, "oriented_views": 6, "normal_views": 2}
+DRY_RUN_TOY_TRAIN = {"steps": 1, "vae_steps": 1, "views_per_object": 1, "oriented_views": 1, "normal_views": 1, "batch": 4,
+                     "vae_batch": 4}
 #: Lines of the children's output not worth a progress line (nor a place in the record's tail).
 NOISE = re.compile(r"^\s*$|Loading weights|Writing model shards|requires torchvision|should be kept in float32")
 
@@ -470,14 +471,14 @@ def step_toy_train(check: Check, deadline: float) -> dict[str, Any]:
     if result.is_file():
         record.update(json.loads(result.read_text()))
     rendered = [m for m in map(_RENDERED.search, run["tail"]) if m]
-    if rendered:  # also when cut off: the training's first phase
-        record["render_seconds"] = float(rendered[-1].group(1))
+    if rendered:  # also when cut off: the training's first phase, one line per part of the set
+        record["render_seconds"] = sum(float(m.group(1)) for m in rendered)
     if run["returncode"] != 0:
         record["error_tail"] = run["tail"][-8:]
     return record
 
 
-_RENDERED = re.compile(r"rendered in (\d+(?:\.\d+)?) s")
+_RENDERED = re.compile(r"rendered \d+ images of .* in (\d+(?:\.\d+)?) s")
 
 
 def timing_items(variants: Iterable[str], stages: Iterable[str] = STAGES) -> list[dict[str, Any]]:
@@ -690,13 +691,15 @@ def child_toy_train(spec: dict[str, Any]) -> int:
     from dataclasses import replace
 
     from dreamflow.toyworld.train import TrainConfig, train
+    from dreamflow.toyworld.world import ALL_PROMPTS, ORIENTED_PROMPTS, PROMPTS
 
     cfg = replace(TrainConfig(), **spec["settings"])
     out = Path(spec["out"])
     start = time.monotonic()
     train(out, cfg, log=lambda line: print(line, flush=True))
     seconds = time.monotonic() - start
-    record = {"train_seconds": round(seconds, 2), "images": 36 * cfg.views_per_object, "unet_steps": cfg.steps,
+    record = {"train_seconds": round(seconds, 2), "images": len(PROMPTS) * cfg.views_per_object + len(ORIENTED_PROMPTS) * cfg.oriented_views
+              + len(ALL_PROMPTS) * cfg.normal_views, "unet_steps": cfg.steps,
               "vae_steps": cfg.vae_steps, "batch": cfg.batch,
               "model_written": (out / "generator" / "model_index.json").is_file()}
     (out / "gpu_check_train.json").write_text(json.dumps(record))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dreamflow.toyworld.world import ALL_PROMPTS, ORIENTED_PROMPTS, PROMPTS
 from bench import gpu_check
 from bench.gpu_check import (STAGES, STEP_ORDER, VARIANTS, Check, download_command, format_markdown,
                              missing_packages, plan_wheels, projection, resolve_command, run_check, run_process)
@@ -75,7 +76,8 @@ def test_dry_run_executes_every_step_and_writes_its_figures(dry_run):
     toy = steps["toy-job"]
     assert toy["returncode"] == 0 and set(toy["stages"]) == {"stage1", "geometry", "texture", "refine"}
     train = steps["toy-train"]
-    assert train["model_written"] and train["images"] == 36 and train["train_seconds"] > 0
+    one_each = len(PROMPTS) + len(ORIENTED_PROMPTS) + len(ALL_PROMPTS)  # one view, oriented view, normal map each
+    assert train["model_written"] and train["images"] == one_each and train["train_seconds"] > 0
     assert train["render_seconds"] >= 0
 
     # The markdown has each table with its figures, and nothing left pending.
@@ -88,7 +90,7 @@ def test_dry_run_executes_every_step_and_writes_its_figures(dry_run):
     assert f"**{gpu_check._duration(total)}**" in md
     for name in ("stage1", "geometry", "texture", "refine"):
         assert f"| {name} | {job['stages'][name]:.1f} |" in md and f"| {name} | {toy['stages'][name]:.1f} |" in md
-    assert f"| 36 | {train['render_seconds']:.1f} | 1 | 1 (4) | {train['train_seconds']:.1f} | ok |" in md
+    assert f"| {one_each} | {train['render_seconds']:.1f} | 1 | 1 (4) | {train['train_seconds']:.1f} | ok |" in md
     log = (out / "gpu_check.log").read_text()
     assert all(f"{name}: ok" in log for name in STEP_ORDER if name != "compile")
 

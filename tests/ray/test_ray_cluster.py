@@ -261,7 +261,10 @@ def test_two_jobs_run_at_once_on_two_nodes_a_third_waits_and_a_killed_node_costs
         victim_index = next(i for i in range(2) if cluster.nodes[1].runs(placed[i]["pid"]))
         victim = jobs[victim_index]
         seen = {j: [] for j in jobs}
-        while not any(m.type == "progress" and m.fields["step"] >= 7 for m in seen[victim]):
+        # Until the victim is well into stage 1 and the other job has started too (on a slow machine
+        # the other one's first step can come after the victim's seventh).
+        while not (any(m.type == "progress" and m.fields["step"] >= 7 for m in seen[victim])
+                   and all(any(m.type == "progress" for m in seen[j]) for j in jobs[:2])):
             msg = client.next_event(timeout=60)
             assert msg is not None, "no event from the running jobs"
             seen[msg.job].append(msg)

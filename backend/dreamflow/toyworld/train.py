@@ -31,13 +31,14 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..devices import cpu_has_native_bf16
 from ..scene.cameras import CameraRanges
 from .dataset import TOY_CAMERAS, ToyImages, render_dataset
 from .world import ALL_PROMPTS, ALL_SHAPES, MARKER_FILE, ORIENTED_SHAPES
@@ -246,6 +247,10 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), ranges: CameraRange
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
+    if cfg.bf16 and not cpu_has_native_bf16():
+        # Emulated bf16 (AVX2-only CPUs) is ~70x slower than float32: hours instead of minutes.
+        log("this CPU has no bf16 instructions (bf16 would run ~70x slower than float32): training in float32")
+        cfg = replace(cfg, bf16=False)
     state_file = _latest_state(out) if resume else None
     if resume and state_file is None:
         raise FileNotFoundError(f"nothing to resume in {out}: no checkpoints/step-N/{STATE_FILE}")
